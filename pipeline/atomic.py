@@ -1,0 +1,39 @@
+"""Atomic outputs: a stage writes into a temporary sibling and renames it into place only when complete,
+so a crash never leaves a half-written file or folder that a later stage (or DVC) would trust."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; on success rename it to `final` (file or folder).
+
+    On an exception the temporary is removed and `final` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    target = tmp / final.name
+    try:
+        yield target
+        if not target.exists():
+            raise FileNotFoundError(f"{target}: nothing was written for {final}")
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        elif final.exists() or final.is_symlink():
+            final.unlink()
+        os.replace(target, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(final: Path | str, text: str) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_text(text, encoding="utf-8")

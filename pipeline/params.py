@@ -1,0 +1,205 @@
+"""The one typed loader for `params.yaml`: every section validated before any stage does work.
+
+Defaults are the paper's WMT14 En->De *base* setup (Vaswani et al. 2017, §5); the presets in `conf/preset/`
+override them (`dvc exp run -S preset=multi30k`). An unknown key, a wrong type or an out-of-range value
+raises `ParamsError` naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class ParamsError(ValueError):
+    """A parameter file that cannot be used, with the file and key named."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DataParams(Section):
+    """`download`: where the parallel corpus comes from and which direction we translate."""
+
+    dataset: str = "wmt/wmt14"  # hub id, a local folder, or a local data file
+    config: str | None = "de-en"  # hub configuration name (wmt14: "de-en"); None for flat layouts
+    source_lang: str = "en"
+    target_lang: str = "de"
+    splits: dict[Literal["train", "valid", "test"], str] = {
+        "train": "train",
+        "valid": "validation",
+        "test": "test",
+    }
+    max_sentences: PositiveInt | None = None  # cap per split (None: all)
+
+    @model_validator(mode="after")
+    def _distinct_langs(self) -> DataParams:
+        if self.source_lang == self.target_lang:
+            raise ValueError("source_lang and target_lang must differ")
+        if set(self.splits) != {"train", "valid", "test"}:
+            raise ValueError("splits must name train, valid and test")
+        return self
+
+
+class BpeParams(Section):
+    """`learn_bpe`: one joint sentencepiece BPE model over source and target (§5.1: ~37k shared tokens)."""
+
+    vocab_size: Annotated[int, Field(ge=16, le=65535)] = 37000
+    character_coverage: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    input_sentence_size: PositiveInt = 10_000_000  # sentences sampled for training the model
+    seed: int = 1
+
+
+class BinariseParams(Section):
+    """`binarise`: token arrays; training pairs filtered like fairseq's prepare-wmt14en2de.sh."""
+
+    max_len: PositiveInt = 250  # BPE tokens, per side, eos excluded
+    max_len_ratio: Annotated[float, Field(ge=1.0)] = 1.5
+    workers: NonNegInt = 0  # 0: every core
+
+
+class ModelParams(Section):
+    """`train`: architecture. `arch` names a preset of `transformer.PRESETS`; other keys override it."""
+
+    arch: str = "base"
+    encoder_layers: PositiveInt | None = None
+    decoder_layers: PositiveInt | None = None
+    d_model: PositiveInt | None = None
+    d_ff: PositiveInt | None = None
+    heads: PositiveInt | None = None
+    dropout: Probability | None = None
+
+    def overrides(self) -> dict:
+        return {k: v for k, v in self.model_dump(exclude={"arch"}).items() if v is not None}
+
+
+class TrainParams(Section):
+    """`train`: optimisation (§5.3, §5.4) and the Ray Train run."""
+
+    # The global batch: padded tokens per side per update, whatever the number of workers (§5.1: ~25k).
+    update_tokens: PositiveInt = 25_000
+    max_tokens: PositiveInt = 4096  # per worker per forward pass (memory); accumulation is derived
+    max_updates: PositiveInt = 100_000  # §5.2: 100k steps for base
+    max_epochs: PositiveInt | None = None
+    max_minutes: Annotated[float, Field(gt=0)] | None = None  # wall-clock budget, Ray start-up included
+    lr_factor: Annotated[float, Field(gt=0)] = 1.0
+    warmup: PositiveInt = 4000
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: Annotated[float, Field(gt=0)] = 1e-9
+    label_smoothing: Probability = 0.1
+    clip_norm: Annotated[float, Field(ge=0)] = 0.0  # 0: no clipping (the paper clips nothing)
+    seed: int = 1
+    checkpoint_every_minutes: Annotated[float, Field(gt=0)] | None = 10.0  # §6.1: every 10 minutes
+    checkpoint_every_updates: PositiveInt | None = None
+    keep_checkpoints: PositiveInt = 20
+    validate_every_updates: PositiveInt = 1000
+    log_every_updates: PositiveInt = 100
+    workers: Literal["auto"] | PositiveInt = "auto"  # auto: every GPU in the cluster, else 1 CPU worker
+    use_gpu: Literal["auto"] | bool = "auto"
+    cpus_per_worker: PositiveInt = 1
+    precision: Literal["auto", "float32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, float32 on CPU
+    compile: bool = False
+    max_bad_updates: PositiveInt = 10  # consecutive non-finite updates before the run stops
+    storage_path: str = "runs/ray"  # Ray's storage: a local folder, a shared filesystem or s3://...
+    run_name: str = "train"
+    crash_at_update: PositiveInt | None = None  # fault injection for tests: one worker raises once
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        if self.max_tokens > self.update_tokens:
+            raise ValueError("max_tokens (per worker) must not exceed update_tokens (global)")
+        if self.checkpoint_every_minutes is None and self.checkpoint_every_updates is None:
+            raise ValueError("set checkpoint_every_minutes or checkpoint_every_updates")
+        return self
+
+
+class AverageParams(Section):
+    """`average`: §6.1 averages the last 5 (base) or 20 (big) checkpoints."""
+
+    last: PositiveInt = 5
+
+
+class DecodeParams(Section):
+    """`decode`: §6.1 beam search, beam 4, length penalty 0.6, maximum length source + 50."""
+
+    split: Literal["valid", "test"] = "test"
+    beam: PositiveInt = 4
+    alpha: Annotated[float, Field(ge=0)] = 0.6
+    max_len_a: Annotated[float, Field(ge=0)] = 1.0
+    max_len_b: NonNegInt = 50
+    max_tokens: PositiveInt = 8000  # source tokens per batch
+
+
+class ScoreParams(Section):
+    """`score`: sacreBLEU (with signature) and chrF; also the paper's tokenised, compound-split BLEU."""
+
+    tokenize: str = "13a"
+
+
+class MlflowParams(Section):
+    """Where runs are recorded; `MLFLOW_TRACKING_URI` in the environment wins over `tracking_uri`."""
+
+    experiment: str = "transformer-wmt14"
+    tracking_uri: str | None = None  # None: sqlite:///<repo>/mlflow.db with artifacts in <repo>/mlruns
+
+
+class Params(Section):
+    preset: str = "wmt14-base"
+    data: DataParams = DataParams()
+    bpe: BpeParams = BpeParams()
+    binarise: BinariseParams = BinariseParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    average: AverageParams = AverageParams()
+    decode: DecodeParams = DecodeParams()
+    score: ScoreParams = ScoreParams()
+    mlflow: MlflowParams = MlflowParams()
+
+
+def _describe(path: Path, error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        key = ".".join(str(part) for part in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key '{key}'")
+        else:
+            got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+            lines.append(f"{path}: key '{key}': {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: object, path: Path | str = PARAMS_FILE) -> Params:
+    """Validate an already-read mapping; `path` is only used to name the source in errors."""
+    path = Path(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(_describe(path, e)) from None
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate the whole file; every stage calls this before doing any work."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found (run from the repository root)") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    return parse_params(raw, path)

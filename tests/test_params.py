@@ -1,0 +1,110 @@
+"""The typed loader: paper defaults, presets that compose, and errors that name the file and key."""
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from dvc.utils.hydra import compose_and_dump
+from pydantic import ValidationError
+
+from pipeline.params import Params, ParamsError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted(p.stem for p in (REPO / "conf" / "preset").glob("*.yaml"))
+
+
+def compose(tmp_path, *overrides):
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(REPO / "conf"), None, "config", str(tmp_path), list(overrides))
+    return out
+
+
+def test_committed_params_yaml_is_the_composed_default(tmp_path):
+    # `dvc repro` on a fresh clone must be the real WMT14 base run.
+    composed = yaml.safe_load(compose(tmp_path).read_text())
+    assert yaml.safe_load((REPO / "params.yaml").read_text()) == composed
+    assert composed["preset"] == "wmt14-base"
+
+
+def test_conf_defaults_equal_the_loader_defaults():
+    raw = yaml.safe_load((REPO / "conf" / "config.yaml").read_text())
+    raw.pop("defaults")
+    assert parse_params(raw) == Params()
+
+
+def test_paper_base_defaults():
+    p = Params()
+    assert p.bpe.vocab_size == 37000
+    assert (p.train.warmup, p.train.label_smoothing, p.train.adam_betas) == (4000, 0.1, (0.9, 0.98))
+    assert p.train.adam_eps == 1e-9
+    assert (p.decode.beam, p.decode.alpha, p.decode.max_len_b) == (4, 0.6, 50)
+    assert p.average.last == 5
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_validates(tmp_path, preset):
+    params = load_params(compose(tmp_path, f"preset={preset}"))
+    assert params.preset == preset
+
+
+def test_required_presets_exist():
+    assert {"smoke", "multi30k", "wmt14-base", "wmt14-big"} <= set(PRESETS)
+
+
+def test_big_preset_changes_model_not_data(tmp_path):
+    base = load_params(compose(tmp_path, "preset=wmt14-base"))
+    big = load_params(compose(tmp_path, "preset=wmt14-big"))
+    assert (base.data, base.bpe, base.binarise) == (big.data, big.bpe, big.binarise)
+    assert big.model.arch == "big" and big.average.last == 20
+
+
+def write(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = write(tmp_path, "train:\n  warmpu: 10\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: unknown key 'train.warmpu'"):
+        load_params(path)
+
+
+def test_wrong_type_is_named(tmp_path):
+    path = write(tmp_path, "bpe:\n  vocab_size: lots\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: key 'bpe.vocab_size'.*'lots'"):
+        load_params(path)
+
+
+def test_out_of_range_is_named(tmp_path):
+    path = write(tmp_path, "train:\n  label_smoothing: 1.5\n")
+    with pytest.raises(ParamsError, match=r"key 'train.label_smoothing'"):
+        load_params(path)
+
+
+def test_inconsistent_values_are_named(tmp_path):
+    path = write(tmp_path, "train:\n  update_tokens: 100\n  max_tokens: 200\n")
+    with pytest.raises(ParamsError, match=r"key 'train'.*max_tokens"):
+        load_params(path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(write(tmp_path, "train: [unclosed\n"))
+
+
+def test_model_overrides_only_set_keys():
+    p = parse_params({"model": {"arch": "big", "dropout": 0.1}})
+    assert p.model.overrides() == {"dropout": 0.1}
+
+
+def test_params_are_frozen():
+    with pytest.raises(ValidationError, match="frozen"):
+        Params().train.warmup = 3  # type: ignore[misc]
+
+
+def test_tests_run_offline():
+    assert os.environ.get("HF_DATASETS_OFFLINE") == "1"
