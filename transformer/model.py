@@ -1,0 +1,262 @@
+"""The Transformer of Vaswani et al. 2017, "Attention Is All You Need" (§3), for translation.
+
+Post-norm residual blocks LayerNorm(x + Dropout(Sublayer(x))) (§3.1, §5.4), scaled dot-product attention
+through `F.scaled_dot_product_attention` so GPUs get fused kernels (§3.2), ReLU position-wise feed-forward
+(§3.3), one embedding matrix shared by source, target and the pre-softmax projection, scaled by √d_model
+(§3.4), sinusoidal positional encoding (§3.5).
+
+Search talks to the model through a narrow interface: `encode`, `init_state`, `decode_step`, `reorder_state`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    encoder_layers: int = 6  # N (§3.1)
+    decoder_layers: int = 6
+    d_model: int = 512
+    d_ff: int = 2048
+    heads: int = 8  # h (§3.2.2)
+    dropout: float = 0.1  # P_drop (§5.4)
+    max_positions: int = 1024
+    pad_id: int = PAD_ID
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by heads {self.heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Table 3 of the paper, plus smaller shapes for CPUs, small corpora and tests.
+PRESETS: dict[str, dict] = {
+    "base": dict(encoder_layers=6, decoder_layers=6, d_model=512, d_ff=2048, heads=8, dropout=0.1),
+    "big": dict(encoder_layers=6, decoder_layers=6, d_model=1024, d_ff=4096, heads=16, dropout=0.3),
+    # Multi30k on a 2-core CPU (29k pairs): small and strongly regularised; see the README's results.
+    "multi30k": dict(encoder_layers=3, decoder_layers=3, d_model=256, d_ff=1024, heads=4, dropout=0.2),
+    # "Transformer-tiny" of Wu et al. 2021, the best published text-only Multi30k model.
+    "tiny-wu": dict(encoder_layers=4, decoder_layers=4, d_model=128, d_ff=256, heads=4, dropout=0.3),
+    # The embedded smoke corpus: the whole DAG in minutes on a CPU.
+    "tiny": dict(encoder_layers=2, decoder_layers=2, d_model=64, d_ff=256, heads=4, dropout=0.1),
+}
+
+
+def make_config(arch: str, vocab_size: int, **overrides) -> TransformerConfig:
+    """The named preset with `overrides` applied (keys of `TransformerConfig`)."""
+    if arch not in PRESETS:
+        raise ValueError(f"unknown architecture '{arch}'; choose one of {sorted(PRESETS)}")
+    return replace(TransformerConfig(vocab_size=vocab_size, **PRESETS[arch]), **overrides)
+
+
+def sinusoid_table(max_positions: int, d_model: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(...) (§3.5)."""
+    position = torch.arange(max_positions, dtype=torch.float64).unsqueeze(1)  # (P, 1)
+    div = torch.pow(10000.0, torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (d/2,)
+    table = torch.zeros(max_positions, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position / div)
+    table[:, 1::2] = torch.cos(position / div)
+    return table.float()
+
+
+class EncoderOut(NamedTuple):
+    memory: Tensor  # (B, S, d_model)
+    src_mask: Tensor | None  # (B, 1, 1, S) bool, True where attention may look; None: no padding
+
+
+class MultiHeadAttention(nn.Module):
+    """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O (§3.2.2); projections fused where inputs coincide."""
+
+    def __init__(self, d_model: int, heads: int, self_attention: bool):
+        super().__init__()
+        self.heads, self.d_k = heads, d_model // heads
+        self.self_attention = self_attention
+        if self_attention:
+            self.in_proj = nn.Linear(d_model, 3 * d_model)  # W^Q, W^K, W^V in one matmul
+        else:
+            self.q_proj = nn.Linear(d_model, d_model)
+            self.kv_proj = nn.Linear(d_model, 2 * d_model)  # over the encoder output, computed once
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.heads, self.d_k).transpose(1, 2)  # (B, h, T, d_k)
+
+    def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = self.kv_proj(memory).chunk(2, dim=-1)
+        return self.split_heads(k), self.split_heads(v)  # (B, h, S, d_k) each
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, h, T, d_k)
+        B, _, T, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.d_k))  # (B, T, d_model)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        """Self-attention over the whole sequence x (B, T, d_model)."""
+        q, k, v = self.in_proj(x).chunk(3, dim=-1)
+        return self.attend(self.split_heads(q), self.split_heads(k), self.split_heads(v), mask, causal)
+
+
+class FeedForward(nn.Sequential):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2 (§3.3)."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Linear(d_ff, d_model))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.heads, self_attention=True)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff)
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, src_mask: Tensor | None) -> Tensor:
+        x = self.norm1(x + self.dropout(self.self_attn(x, src_mask)))
+        return self.norm2(x + self.dropout(self.ffn(x)))  # (B, S, d_model)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.heads, self_attention=True)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.heads, self_attention=False)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, y: Tensor, memory_kv: tuple[Tensor, Tensor], src_mask: Tensor | None) -> Tensor:
+        # Causal masking alone suffices: target padding sits after every real token, so no real query
+        # ever sees it, and padded positions are excluded from the loss.
+        y = self.norm1(y + self.dropout(self.self_attn(y, causal=True)))
+        return self._cross_and_ffn(y, memory_kv, src_mask)  # (B, T, d_model)
+
+    def _cross_and_ffn(self, y: Tensor, memory_kv: tuple[Tensor, Tensor], src_mask: Tensor | None) -> Tensor:
+        q = self.cross_attn.split_heads(self.cross_attn.q_proj(y))
+        y = self.norm2(y + self.dropout(self.cross_attn.attend(q, *memory_kv, src_mask, causal=False)))
+        return self.norm3(y + self.dropout(self.ffn(y)))
+
+    def step(self, y: Tensor, cache: LayerCache, t: int, src_mask: Tensor | None) -> Tensor:
+        """One position y (B, 1, d_model) at time t, attending to the cached keys/values 0..t."""
+        attn = self.self_attn
+        q, k, v = attn.in_proj(y).chunk(3, dim=-1)
+        cache.self_k[:, :, t : t + 1] = attn.split_heads(k)
+        cache.self_v[:, :, t : t + 1] = attn.split_heads(v)
+        k_all, v_all = cache.self_k[:, :, : t + 1], cache.self_v[:, :, : t + 1]  # (B, h, t+1, d_k)
+        y = self.norm1(y + self.dropout(attn.attend(attn.split_heads(q), k_all, v_all, None, causal=False)))
+        return self._cross_and_ffn(y, (cache.memory_k, cache.memory_v), src_mask)
+
+
+@dataclass
+class LayerCache:
+    memory_k: Tensor  # (B, h, S, d_k): encoder keys, computed once (§6.1 decoding cost)
+    memory_v: Tensor
+    self_k: Tensor  # (B, h, T_max, d_k): decoder keys, filled one position per step
+    self_v: Tensor
+
+
+@dataclass
+class DecoderState:
+    layers: list[LayerCache]
+    src_mask: Tensor | None  # (B, 1, 1, S)
+    t: int = 0  # next position to fill
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.register_buffer("pe", sinusoid_table(cfg.max_positions, cfg.d_model), persistent=False)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Xavier for projections; N(0, d^-1/2) for the shared embedding so that √d scaling gives unit variance.
+        for name, p in self.named_parameters():
+            if name == "embed.weight":
+                nn.init.normal_(p, mean=0.0, std=self.cfg.d_model**-0.5)
+                with torch.no_grad():
+                    p[self.cfg.pad_id].zero_()
+            elif p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    def embed_tokens(self, tokens: Tensor, start: int = 0) -> Tensor:
+        T = tokens.shape[1]
+        if start + T > self.cfg.max_positions:
+            raise ValueError(f"sequence of {start + T} positions exceeds max_positions {self.cfg.max_positions}")
+        x = self.embed(tokens) * math.sqrt(self.cfg.d_model) + self.pe[start : start + T]
+        return self.dropout(x)  # (B, T, d_model)
+
+    def encode(self, src: Tensor) -> EncoderOut:
+        """src (B, S) token ids, padded with pad_id."""
+        pad = src.eq(self.cfg.pad_id)
+        src_mask = (~pad)[:, None, None, :] if bool(pad.any()) else None  # (B, 1, 1, S)
+        x = self.embed_tokens(src)
+        for layer in self.encoder:
+            x = layer(x, src_mask)
+        return EncoderOut(x, src_mask)
+
+    def decode(self, tgt_in: Tensor, enc: EncoderOut) -> Tensor:
+        """Teacher-forced decoding of tgt_in (B, T) = bos + target[:-1]; logits (B, T, V)."""
+        y = self.embed_tokens(tgt_in)
+        for layer in self.decoder:
+            y = layer(y, layer.cross_attn.project_kv(enc.memory), enc.src_mask)
+        return self.project(y)
+
+    def project(self, y: Tensor) -> Tensor:
+        return F.linear(y, self.embed.weight)  # (B, T, V): pre-softmax weights shared (§3.4)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        return self.decode(tgt_in, self.encode(src))
+
+    # --- incremental decoding: the narrow interface that search uses ---
+
+    def init_state(self, enc: EncoderOut, max_len: int) -> DecoderState:
+        B = enc.memory.shape[0]
+        layers = []
+        for layer in self.decoder:
+            k, v = layer.cross_attn.project_kv(enc.memory)
+            shape = (B, self.cfg.heads, max_len, self.cfg.d_model // self.cfg.heads)
+            buf_k, buf_v = k.new_empty(shape), v.new_empty(shape)
+            layers.append(LayerCache(k, v, buf_k, buf_v))
+        return DecoderState(layers, enc.src_mask)
+
+    def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
+        """tokens (B,) at position state.t; returns log-probabilities (B, V) and advances the state."""
+        t = state.t
+        y = self.embed_tokens(tokens[:, None], start=t)  # (B, 1, d_model)
+        for layer, cache in zip(self.decoder, state.layers, strict=True):
+            y = layer.step(y, cache, t, state.src_mask)
+        state.t = t + 1
+        return F.log_softmax(self.project(y[:, 0]).float(), dim=-1)  # (B, V)
+
+    @staticmethod
+    def reorder_state(state: DecoderState, order: Tensor) -> DecoderState:
+        """Select rows `order` (B',) of every cached tensor: beams that survive, or finished sentences dropped."""
+        layers = [
+            LayerCache(*(x.index_select(0, order) for x in (c.memory_k, c.memory_v, c.self_k, c.self_v)))
+            for c in state.layers
+        ]
+        mask = None if state.src_mask is None else state.src_mask.index_select(0, order)
+        return DecoderState(layers, mask, state.t)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
