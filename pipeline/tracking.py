@@ -1,72 +1,86 @@
 """MLflow for the pipeline: one parent run per pipeline execution, one child run per stage.
 
-Every stage process calls `stage_run(stage, params)`: it finds (or creates) the parent run of this pipeline
-execution, opens a child run named after the stage under it, and logs the stage's params and the tags that
-identify the run (git commit, DVC experiment, preset). The parent is found by a tag, `pipeline_key`: the DVC
-experiment name when DVC runs the stage inside `dvc exp run`, else the git commit plus a hash of params.yaml.
+Every stage process wraps its work in `stage_run(stage, params, sections)`: it finds (or creates) the parent
+run of this pipeline execution, opens a child run named after the stage under it, and logs the stage's params
+and the tags that identify the run (git commit, DVC experiment, preset). docs/mlflow.md explains the design.
+
+- One execution: the `dvc repro` / `dvc exp run` process that started the stage (found by walking up the
+  process tree), so every stage of one command shares a parent, and two commands never do. Outside DVC the
+  key is the git commit plus a hash of params.yaml.
+- Stages DVC skipped (cached) still appear under the new parent: when a stage starts, every stage before it
+  in dvc.yaml that has no child yet gets a child tagged `cached=true`, copying the params and metrics of the
+  run that produced its current outputs. That run is found by the hash of the stage's outputs in dvc.lock
+  (DVC writes a stage's lock entry as soon as it finishes), which each run is tagged with (`dvc_outs`) by
+  the first stage that runs after it, or by itself when its outputs are plain files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import mlflow
+import psutil
+import yaml
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.params import PARAMS_FILE, Params
 
 REPO = Path(__file__).resolve().parents[1]
+# Tags a stage sets that say where its products are (e.g. the pyfunc model's URI); linked runs carry them.
+CARRIED_TAGS = ("translator_uri",)
+
+
+def store_root() -> Path:
+    """Where the default MLflow store lives: the repository DVC runs for (DVC_ROOT is set for `--temp` runs
+    too, pointing at the user's repository rather than the executor's temporary copy)."""
+    return Path(os.environ.get("DVC_ROOT") or REPO)
 
 
 def tracking_uri(params: Params) -> str:
     """`MLFLOW_TRACKING_URI` wins; else params; else a SQLite store inside the repository (ignored by git)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri or f"sqlite:///{REPO}/mlflow.db"
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or params.mlflow.tracking_uri
+        or f"sqlite:///{store_root().resolve()}/mlflow.db"
+    )
 
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() or "unknown"
 
 
+def dvc_process() -> psutil.Process | None:
+    """The `dvc` process that started this stage (DVC sets DVC_STAGE for every stage command), if any."""
+    if "DVC_STAGE" not in os.environ:
+        return None
+    with contextlib.suppress(psutil.Error):
+        for proc in psutil.Process().parents():
+            cmd = proc.cmdline()
+            if any(Path(arg).name == "dvc" for arg in cmd[:2]) or cmd[1:3] == ["-m", "dvc"]:
+                return proc
+    return None
+
+
 def pipeline_key(params_file: Path = PARAMS_FILE) -> str:
-    exp = os.environ.get("DVC_EXP_NAME")
-    if exp:
-        return f"exp:{exp}"
+    proc = dvc_process()
+    if proc is not None:
+        name = os.environ.get("DVC_EXP_NAME") or "repro"
+        return f"dvc:{name}:{proc.pid}:{int(proc.create_time() * 1000)}"
     digest = hashlib.sha256(Path(params_file).read_bytes()).hexdigest()[:12]
-    return f"{git_commit()[:12]}:{digest}"
-
-
-def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """Create the experiment in the driver with an absolute artifact location (Ray workers run elsewhere)."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if client.tracking_uri.startswith("sqlite:") or client.tracking_uri.startswith("file:"):
-        location = (REPO / "mlruns").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
-
-
-def parent_run_id(client: MlflowClient, experiment_id: str, params: Params) -> str:
-    key = pipeline_key()
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.pipeline_key = '{key}' and tags.kind = 'pipeline'", max_results=1
-    )
-    if found:
-        return found[0].info.run_id
-    tags = {"pipeline_key": key, "kind": "pipeline", **run_tags(params)}
-    name = os.environ.get("DVC_EXP_NAME") or f"pipeline-{params.preset}"
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
-    client.set_terminated(run.info.run_id, "RUNNING")
-    return run.info.run_id
+    return f"manual:{git_commit()[:12]}:{digest}"
 
 
 def run_tags(params: Params) -> dict[str, str]:
@@ -77,18 +91,193 @@ def run_tags(params: Params) -> dict[str, str]:
     }
 
 
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """Create the experiment in the driver with an absolute artifact location (Ray workers run elsewhere)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if client.tracking_uri.startswith(("sqlite:", "file:")):
+        location = (store_root() / "mlruns").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def parent_run_id(client: MlflowClient, experiment_id: str, params: Params) -> str:
+    key = pipeline_key()
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.pipeline_key = '{key}' and tags.kind = 'pipeline'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    name = os.environ.get("DVC_EXP_NAME") or f"{params.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tags = {"pipeline_key": key, "kind": "pipeline", **run_tags(params)}
+    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def flatten(values: Mapping, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# --- cached stages: link the run that produced the outputs DVC kept ---
+
+
+def dag_stages(dvc_yaml: Path = Path("dvc.yaml")) -> dict[str, list[str]]:
+    """Stage name -> its output paths (outs, metrics, plots), in the order dvc.yaml lists the stages."""
+    if not dvc_yaml.exists():
+        return {}
+    stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages", {})
+    outs = {}
+    for name, stage in stages.items():
+        entries = [e for key in ("outs", "metrics", "plots") for e in stage.get(key, [])]
+        outs[name] = [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+    return outs
+
+
+def outs_digest(hashes: Mapping[str, str]) -> str:
+    """One tag value for a stage's outputs, from DVC's md5 of each (dvc.lock)."""
+    return hashlib.sha256(json.dumps(sorted(hashes.items())).encode()).hexdigest()[:32]
+
+
+def lock_digests(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
+    if not lock_file.exists():
+        return {}
+    stages = (yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}).get("stages", {})
+    digests = {}
+    for name, entry in stages.items():
+        hashes = {o["path"]: o["md5"] for o in entry.get("outs", []) if "md5" in o}
+        if hashes:
+            digests[name] = outs_digest(hashes)
+    return digests
+
+
+def file_outputs_digest(paths: list[str]) -> str | None:
+    """The digest of outputs that are all plain files (DVC's md5 of a file is the md5 of its bytes)."""
+    if not paths or not all(Path(p).is_file() for p in paths):
+        return None
+    return outs_digest({p: hashlib.md5(Path(p).read_bytes()).hexdigest() for p in paths})
+
+
+def stage_children(client: MlflowClient, experiment_id: str, parent: str) -> dict[str, Run]:
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.kind = 'stage'"
+    )
+    return {r.data.tags["stage"]: r for r in runs}
+
+
+def link_cached_stage(
+    client: MlflowClient, experiment_id: str, parent: str, stage: str, digest: str, params: Params
+) -> str:
+    """A child run under `parent` standing for a stage DVC did not rerun, linked to the run that did."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.stage = '{stage}' and tags.dvc_outs = '{digest}' and tags.cached = 'false'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    origin = found[0] if found else None
+    tags = {"mlflow.parentRunId": parent, "stage": stage, "kind": "stage", "cached": "true", "dvc_outs": digest}
+    tags.update(run_tags(params))
+    if origin is not None:
+        tags["linked_run_id"] = origin.info.run_id
+        tags["mlflow.note.content"] = (
+            f"Skipped by DVC: its outputs were up to date. They were produced by run "
+            f"{origin.info.run_name} ({origin.info.run_id}); params and final metrics are copied from it."
+        )
+    else:
+        tags["mlflow.note.content"] = "Skipped by DVC: its outputs were up to date (no MLflow run of them found)."
+    run_id = client.create_run(experiment_id, run_name=stage, tags=tags).info.run_id
+    if origin is not None:
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in origin.data.metrics.items()],
+            params=[Param(k, v) for k, v in origin.data.params.items()],
+            tags=[RunTag(k, v) for k, v in origin.data.tags.items() if k in CARRIED_TAGS],
+        )
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def link_cached_stages(client: MlflowClient, experiment_id: str, parent: str, stage: str, params: Params) -> None:
+    """Tag the runs of this execution with their outputs' hashes; add children for the stages DVC skipped."""
+    order = list(dag_stages())
+    if stage not in order:
+        return
+    digests = lock_digests()
+    children = stage_children(client, experiment_id, parent)
+    for earlier in order[: order.index(stage)]:
+        digest = digests.get(earlier)
+        child = children.get(earlier)
+        if digest is None:
+            continue  # DVC never ran this stage here: nothing to stand for
+        if child is None:
+            link_cached_stage(client, experiment_id, parent, earlier, digest, params)
+        elif child.data.tags.get("dvc_outs") != digest:
+            client.set_tag(child.info.run_id, "dvc_outs", digest)
+
+
+# --- what the stages call ---
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, sections: tuple[str, ...]) -> Iterator[mlflow.ActiveRun]:
-    """A child run for `stage` under this pipeline execution's parent, with `sections` of params logged."""
+    """A child run for `stage` under this pipeline execution's parent, with `sections` of params logged.
+
+    A failure marks the child and the parent FAILED and is re-raised.
+    """
     mlflow.set_tracking_uri(tracking_uri(params))
     client = MlflowClient()
     experiment_id = ensure_experiment(client, params.mlflow.experiment)
     parent = parent_run_id(client, experiment_id, params)
-    tags = {"mlflow.parentRunId": parent, "stage": stage, "kind": "stage", **run_tags(params)}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
-        flat = {}
-        for section in sections:
-            for key, value in getattr(params, section).model_dump(mode="json").items():
-                flat[f"{section}.{key}"] = value
-        mlflow.log_params(flat)
-        yield run
+    link_cached_stages(client, experiment_id, parent, stage, params)
+    tags = {"mlflow.parentRunId": parent, "stage": stage, "kind": "stage", "cached": "false", **run_tags(params)}
+    try:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+            flat = {}
+            for section in sections:
+                flat.update(flatten(getattr(params, section).model_dump(mode="json"), f"{section}."))
+            mlflow.log_params(flat)
+            yield run
+            digest = file_outputs_digest(dag_stages().get(stage, []))
+            if digest:
+                mlflow.set_tag("dvc_outs", digest)
+    except BaseException:
+        client.set_terminated(parent, "FAILED")
+        raise
+
+
+def log_stage_metrics(metrics: Mapping, step: int | None = None) -> None:
+    """Log the numeric values of a (nested) metrics mapping into the active run; strings are skipped."""
+    numeric = {
+        k: float(v)
+        for k, v in flatten(metrics).items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+    mlflow.log_metrics(numeric, step=step)
+
+
+def log_pipeline_result(result: Mapping, score_file: Path) -> None:
+    """The final scores on the parent run of this execution, which is then finished."""
+    run = mlflow.active_run()
+    parent = run.data.tags.get("mlflow.parentRunId") if run else None
+    if parent is None:
+        raise RuntimeError("log_pipeline_result must be called inside stage_run")
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    keys = ("bleu", "chrf", "bleu_compound_split", "bleu_tok_lc")
+    client.log_batch(parent, metrics=[Metric(k, float(result[k]), now, 0) for k in keys if k in result])
+    for key in ("bleu_signature", "chrf_signature"):
+        if key in result:
+            client.set_tag(parent, key, str(result[key]))
+    client.log_artifact(parent, str(score_file), artifact_path="metrics")
+    for child in stage_children(client, run.info.experiment_id, parent).values():
+        for key in CARRIED_TAGS:
+            if key in child.data.tags:
+                client.set_tag(parent, key, child.data.tags[key])
+    client.set_terminated(parent, "FINISHED")

@@ -1,0 +1,101 @@
+"""Stage `average`: the mean of the last N training checkpoints as one standalone model file (§6.1).
+
+    python -m pipeline.average --checkpoints models/checkpoints --bpe data/bpe --out models/average.pt
+
+"Last" is by update number (from the file names `checkpoint_{update:08d}.pt`), never by modification time,
+which copies and `dvc checkout` change. The output holds the averaged weights, the model config and the
+sentencepiece model it was trained with (its path, sha256 and bytes), so it translates on its own; it is
+also logged to MLflow as a pyfunc model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+
+import mlflow
+import torch
+
+from pipeline.params import load_params
+from pipeline.pyfunc import log_translation_model
+from pipeline.tracking import stage_run
+from transformer.checkpoint import average_checkpoints, save_model
+
+log = logging.getLogger("pipeline.average")
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
+SPM_FILE = "spm.model"
+
+
+def find_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(update, path) of every `checkpoint_<update>.pt` in `folder`, oldest update first."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: checkpoint folder not found (run the train stage first)")
+    found = []
+    for path in folder.iterdir():
+        m = CHECKPOINT_NAME.match(path.name)
+        if m and path.is_file():
+            found.append((int(m.group(1)), path))
+    if not found:
+        raise FileNotFoundError(f"{folder}: no checkpoint_<update>.pt files to average")
+    return sorted(found)
+
+
+def select_last(checkpoints: list[tuple[int, Path]], last: int) -> list[tuple[int, Path]]:
+    if len(checkpoints) < last:
+        log.warning("average.last is %d but only %d checkpoints exist: averaging all of them", last, len(checkpoints))
+    return checkpoints[-last:]
+
+
+def bpe_reference(bpe_dir: Path) -> dict:
+    """The sentencepiece model, by path (relative to the working directory), sha256 and bytes.
+
+    The bytes travel as a uint8 tensor so that `torch.load(weights_only=True)` accepts the file.
+    """
+    spm_path = bpe_dir / SPM_FILE
+    try:
+        data = spm_path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{spm_path}: sentencepiece model not found (run the learn_bpe stage)") from None
+    return {
+        "path": os.path.relpath(spm_path),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "model_proto": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+    }
+
+
+def average(checkpoints: Path, bpe_dir: Path, out: Path, last: int, languages: dict[str, str]) -> dict:
+    """Write the averaged model file; returns what was averaged (for logs and metrics)."""
+    chosen = select_last(find_checkpoints(checkpoints), last)
+    state, config = average_checkpoints([path for _, path in chosen])
+    summary = {"checkpoints": [path.name for _, path in chosen], "updates": [u for u, _ in chosen]}
+    save_model(out, (state, config), extra={"bpe": bpe_reference(bpe_dir), "languages": languages, **summary})
+    log.info("averaged %d checkpoints (updates %s) into %s", len(chosen), summary["updates"], out)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoints", type=Path, required=True)
+    p.add_argument("--bpe", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    params = load_params()
+    languages = {"source": params.data.source_lang, "target": params.data.target_lang}
+    with stage_run("average", params, ("average",)):
+        summary = average(args.checkpoints, args.bpe, args.out, params.average.last, languages)
+        mlflow.log_metrics({"checkpoints_averaged": len(summary["updates"]), "last_update": summary["updates"][-1]})
+        mlflow.log_dict(summary, "average.json")
+        mlflow.log_artifact(str(args.bpe / SPM_FILE), artifact_path="bpe")
+        # The paper's search settings (§6.1) as defaults: this stage does not depend on `decode` params,
+        # and callers override them per request (`params={"beam": 2}`).
+        log_translation_model(args.out, args.bpe / SPM_FILE, languages)
+
+
+if __name__ == "__main__":
+    main()

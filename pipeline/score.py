@@ -1,0 +1,97 @@
+"""Stage `score`: sacreBLEU and chrF of the detokenised, cased hypotheses against the raw references.
+
+    python -m pipeline.score --hyp outputs/hyp.txt --raw data/raw --out metrics/score.json
+
+`bleu` (with its sacreBLEU signature) and `chrf` are the numbers to report. Two other BLEUs are computed for
+comparison with published numbers only, and labelled so wherever they appear:
+- `bleu_compound_split`: what the paper's 27.3/28.4 were measured with (tensor2tensor/fairseq
+  `compound_split_bleu.sh`): tokenised text (here sacreBLEU's 13a tokeniser stands in for Moses'
+  tokenizer.perl), hyphens inside compounds split into ` ##AT##-##AT## ` in hypothesis and reference,
+  then BLEU on those tokens. It is higher than sacreBLEU and not comparable with it.
+- `bleu_tok_lc`: tokenised (13a), lower-cased BLEU, the convention of published Multi30k results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import mlflow
+from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+from pipeline.atomic import write_text_atomic
+from pipeline.params import load_params
+from pipeline.tracking import log_pipeline_result, log_stage_metrics, stage_run
+from pipeline.translate import read_lines
+
+log = logging.getLogger("pipeline.score")
+
+# compound_split_bleu.sh: perl -ple 's{(\S)-(\S)}{$1 ##AT##-##AT## $2}g' (same non-overlapping matches).
+_COMPOUND = re.compile(r"(\S)-(\S)")
+
+
+def compound_split(line: str) -> str:
+    return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", line)
+
+
+def read_pair(hyp_path: Path, ref_path: Path) -> tuple[list[str], list[str]]:
+    hyps, refs = read_lines(hyp_path), read_lines(ref_path)
+    if len(hyps) != len(refs):
+        raise ValueError(
+            f"line counts differ: {hyp_path} has {len(hyps)} lines, {ref_path} has {len(refs)}; "
+            "hypotheses must be line-aligned with the references"
+        )
+    return hyps, refs
+
+
+def score(hyps: Sequence[str], refs: Sequence[str], tokenize: str = "13a") -> dict:
+    """All the scores, each BLEU with the sacreBLEU signature that says how it was computed."""
+    bleu, chrf = BLEU(tokenize=tokenize), CHRF()
+    result = {
+        "sentences": len(hyps),
+        "bleu": round(bleu.corpus_score(hyps, [refs]).score, 2),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf": round(chrf.corpus_score(hyps, [refs]).score, 2),
+        "chrf_signature": str(chrf.get_signature()),
+    }
+    tok = Tokenizer13a()
+    split_hyps = [compound_split(tok(h)) for h in hyps]
+    split_refs = [compound_split(tok(r)) for r in refs]
+    compound = BLEU(tokenize="none", force=True)
+    result["bleu_compound_split"] = round(compound.corpus_score(split_hyps, [split_refs]).score, 2)
+    result["bleu_compound_split_note"] = (
+        "tokenised BLEU with compound splitting (paper's compound_split_bleu.sh; 13a tokeniser for Moses); "
+        f"not sacreBLEU: {compound.get_signature()}"
+    )
+    lowercased = BLEU(tokenize="13a", lowercase=True)
+    result["bleu_tok_lc"] = round(lowercased.corpus_score(hyps, [refs]).score, 2)
+    result["bleu_tok_lc_note"] = f"tokenised lower-cased BLEU (Multi30k convention): {lowercased.get_signature()}"
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hyp", type=Path, required=True)
+    p.add_argument("--raw", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    params = load_params()
+    ref_path = args.raw / f"{params.decode.split}.{params.data.target_lang}"
+    with stage_run("score", params, ("data", "decode", "score")):
+        hyps, refs = read_pair(args.hyp, ref_path)
+        result = {"split": params.decode.split, **score(hyps, refs, params.score.tokenize)}
+        write_text_atomic(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        log_stage_metrics(result)
+        mlflow.log_artifact(str(args.out), artifact_path="metrics")
+        log_pipeline_result(result, args.out)
+    print(f"BLEU {result['bleu']} ({result['bleu_signature']})  chrF {result['chrf']}")
+
+
+if __name__ == "__main__":
+    main()
