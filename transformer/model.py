@@ -149,30 +149,36 @@ class DecoderLayer(nn.Module):
         y = self.norm2(y + self.dropout(self.cross_attn.attend(q, *memory_kv, src_mask, causal=False)))
         return self.norm3(y + self.dropout(self.ffn(y)))
 
-    def step(self, y: Tensor, cache: LayerCache, t: int, src_mask: Tensor | None) -> Tensor:
-        """One position y (B, 1, d_model) at time t, attending to the cached keys/values 0..t."""
-        attn = self.self_attn
-        q, k, v = attn.in_proj(y).chunk(3, dim=-1)
-        cache.self_k[:, :, t : t + 1] = attn.split_heads(k)
-        cache.self_v[:, :, t : t + 1] = attn.split_heads(v)
-        k_all, v_all = cache.self_k[:, :, : t + 1], cache.self_v[:, :, : t + 1]  # (B, h, t+1, d_k)
+    def step(self, y: Tensor, cache: LayerCache, t: int, src_mask: Tensor | None, beam: int) -> Tensor:
+        """Position t of R = N·beam rows y (R, 1, d_model), attending to the cached keys/values 0..t."""
+        attn, R = self.self_attn, y.shape[0]
+        q, kv = attn.in_proj(y).split([attn.heads * attn.d_k, 2 * attn.heads * attn.d_k], dim=-1)
+        cache.self_kv[:, :R, t] = kv.view(R, 2, attn.heads, attn.d_k).transpose(0, 1)
+        k_all, v_all = cache.self_kv[:, :R, : t + 1].transpose(2, 3)  # (R, h, t+1, d_k) each
         y = self.norm1(y + self.dropout(attn.attend(attn.split_heads(q), k_all, v_all, None, causal=False)))
-        return self._cross_and_ffn(y, (cache.memory_k, cache.memory_v), src_mask)
+        # A sentence's beams are `beam` queries against its one copy of the encoder output: cross-attention and
+        # the FFN treat positions independently, so this equals R separate rows without repeating the memory.
+        y = self._cross_and_ffn(y.view(R // beam, beam, -1), (cache.memory_k, cache.memory_v), src_mask)
+        return y.view(R, 1, -1)
 
 
 @dataclass
 class LayerCache:
-    memory_k: Tensor  # (B, h, S, d_k): encoder keys, computed once (§6.1 decoding cost)
+    memory_k: Tensor  # (N, h, S, d_k): encoder keys, once per sentence, computed once (§6.1 decoding cost)
     memory_v: Tensor
-    self_k: Tensor  # (B, h, T_max, d_k): decoder keys, filled one position per step
-    self_v: Tensor
+    self_kv: Tensor  # (2, R_max, T_max, h, d_k): decoder keys and values, filled one position per step
+    spare_kv: Tensor  # what the next reorder copies into, so that steps do not allocate
 
 
 @dataclass
 class DecoderState:
+    """Decoder caches for R = N·beam rows: row r belongs to sentence r // beam. The state is updated in place
+    by `decode_step`, and `reorder_state` reuses its buffers: keep only the state it returns."""
+
     layers: list[LayerCache]
-    src_mask: Tensor | None  # (B, 1, 1, S)
+    src_mask: Tensor | None  # (N, 1, 1, S)
     t: int = 0  # next position to fill
+    beam: int = 1  # rows per sentence
 
 
 class Transformer(nn.Module):
@@ -230,33 +236,58 @@ class Transformer(nn.Module):
     # --- incremental decoding: the narrow interface that search uses ---
 
     def init_state(self, enc: EncoderOut, max_len: int) -> DecoderState:
-        B = enc.memory.shape[0]
+        """A state of one row per sentence for up to `max_len` decoder positions (bos included)."""
+        if max_len > self.cfg.max_positions:
+            raise ValueError(f"max_len {max_len} exceeds max_positions {self.cfg.max_positions}")
+        N, h = enc.memory.shape[0], self.cfg.heads
         layers = []
         for layer in self.decoder:
-            k, v = layer.cross_attn.project_kv(enc.memory)
-            shape = (B, self.cfg.heads, max_len, self.cfg.d_model // self.cfg.heads)
-            buf_k, buf_v = k.new_empty(shape), v.new_empty(shape)
-            layers.append(LayerCache(k, v, buf_k, buf_v))
+            k, v = layer.cross_attn.project_kv(enc.memory)  # (N, h, S, d_k) each
+            self_kv = k.new_empty(2, N, max_len, h, self.cfg.d_model // h)
+            layers.append(LayerCache(k, v, self_kv, torch.empty_like(self_kv)))
         return DecoderState(layers, enc.src_mask)
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
-        """tokens (B,) at position state.t; returns log-probabilities (B, V) and advances the state."""
+        """tokens (R,) at position state.t; returns log-probabilities (R, V) and advances the state."""
         t = state.t
-        y = self.embed_tokens(tokens[:, None], start=t)  # (B, 1, d_model)
+        if t >= state.layers[0].self_kv.shape[2]:
+            raise ValueError(f"decode_step at position {t}: the state holds {state.layers[0].self_kv.shape[2]}")
+        y = self.embed_tokens(tokens[:, None], start=t)  # (R, 1, d_model)
         for layer, cache in zip(self.decoder, state.layers, strict=True):
-            y = layer.step(y, cache, t, state.src_mask)
+            y = layer.step(y, cache, t, state.src_mask, state.beam)
         state.t = t + 1
-        return F.log_softmax(self.project(y[:, 0]).float(), dim=-1)  # (B, V)
+        return F.log_softmax(self.project(y[:, 0]).float(), dim=-1)  # (R, V)
 
     @staticmethod
-    def reorder_state(state: DecoderState, order: Tensor) -> DecoderState:
-        """Select rows `order` (B',) of every cached tensor: beams that survive, or finished sentences dropped."""
-        layers = [
-            LayerCache(*(x.index_select(0, order) for x in (c.memory_k, c.memory_v, c.self_k, c.self_v)))
-            for c in state.layers
-        ]
-        mask = None if state.src_mask is None else state.src_mask.index_select(0, order)
-        return DecoderState(layers, mask, state.t)
+    def reorder_state(
+        state: DecoderState, order: Tensor, beam: int | None = None, within_sentences: bool = False
+    ) -> DecoderState:
+        """Keep rows `order` (R',) in groups of `beam` per sentence (default: unchanged): surviving beams,
+        a beam widened from one row, or finished sentences dropped. Each group must come from one sentence,
+        whose encoder side follows the group's first row; `within_sentences=True` promises that rows only
+        moved among their own sentence's beams, so the encoder side is left as it is. Only the filled
+        positions of the self-attention cache are copied, into the spare buffer, so no step allocates."""
+        beam = state.beam if beam is None else beam
+        R, t = order.shape[0], state.t
+        if R % beam:
+            raise ValueError(f"{R} rows do not form groups of beam {beam}")
+        if within_sentences and beam != state.beam:
+            raise ValueError("within_sentences=True cannot change the beam")
+        sentences = None if within_sentences else order[::beam] // state.beam  # (N',)
+        layers = []
+        for c in state.layers:
+            memory_k, memory_v = c.memory_k, c.memory_v
+            if sentences is not None:
+                memory_k, memory_v = memory_k.index_select(0, sentences), memory_v.index_select(0, sentences)
+            spare = c.spare_kv
+            if spare.shape[1] < R:
+                spare = spare.new_empty(2, R, *spare.shape[2:])
+            torch.index_select(c.self_kv[:, :, :t], 1, order, out=spare[:, :R, :t])
+            layers.append(LayerCache(memory_k, memory_v, spare, c.self_kv))
+        mask = state.src_mask
+        if mask is not None and sentences is not None:
+            mask = mask.index_select(0, sentences)
+        return DecoderState(layers, mask, t, beam)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
