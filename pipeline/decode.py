@@ -32,11 +32,10 @@ def search_options(d: DecodeParams) -> SearchOptions:
     )
 
 
-def decode_file(translator: Translator, source: Path, out: Path) -> dict:
-    """Translate every line of `source` into `out`; returns the speed metrics."""
-    sentences = read_lines(source)
+def decode_sentences(translator: Translator, sentences: list[str], out: Path) -> dict:
+    """Translate `sentences` into `out`, one line each; returns the speed metrics."""
     start = time.perf_counter()
-    with tqdm(total=len(sentences), unit="sent", desc=f"decode {source.name}", mininterval=1.0) as bar:
+    with tqdm(total=len(sentences), unit="sent", desc="decode", mininterval=1.0) as bar:
         hyps = translator.translate(sentences, progress=bar.update)
     wall = time.perf_counter() - start
     write_text_atomic(out, "".join(h + "\n" for h in hyps))
@@ -58,10 +57,17 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     params = load_params()
     source = args.raw / f"{params.decode.split}.{params.data.source_lang}"
+    sentences = read_lines(source)
     with stage_run("decode", params, ("data", "decode")):
         translator = Translator.from_file(args.model, search_options(params.decode))
-        log.info("decoding %s on %s (torch threads: %d)", source, translator.device, torch.get_num_threads())
-        metrics = decode_file(translator, source, args.out)
+        log.info(
+            "decoding %d lines of %s on %s (torch threads: %d)",
+            len(sentences),
+            source,
+            translator.device,
+            torch.get_num_threads(),
+        )
+        metrics = decode_sentences(translator, sentences, args.out)
         write_text_atomic(args.metrics, json.dumps(metrics, indent=2) + "\n")
         log_stage_metrics(metrics)
         mlflow.log_artifact(str(args.out), artifact_path="outputs")

@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     params = load_params()
     ref_path = args.raw / f"{params.decode.split}.{params.data.target_lang}"
+    hyps, refs = read_pair(args.hyp, ref_path)
     with stage_run("score", params, ("data", "decode", "score")):
-        hyps, refs = read_pair(args.hyp, ref_path)
         result = {"split": params.decode.split, **score(hyps, refs, params.score.tokenize)}
         write_text_atomic(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         log_stage_metrics(result)

@@ -96,10 +96,16 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = None
-    if client.tracking_uri.startswith(("sqlite:", "file:")):
-        location = (store_root() / "mlruns").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=local_artifact_location(client.tracking_uri))
+
+
+def local_artifact_location(uri: str) -> str | None:
+    """For a local store, `mlruns/` beside it, as an absolute URI; a server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file://").removeprefix("file:")).resolve().as_uri()
+    return None
 
 
 def parent_run_id(client: MlflowClient, experiment_id: str, params: Params) -> str:

@@ -112,10 +112,8 @@ class Translator:
         return cls(model, sp, options or SearchOptions())
 
     def encode(self, sentence: str) -> list[int]:
-        ids = self.sp.encode(sentence) + [EOS_ID]
-        # Leave room for the longest output the search may produce (positions are shared by both sides).
-        limit = self.model.cfg.max_positions - self.options.max_len_b - 1
-        return ids[: max(1, int(limit / max(1.0, self.options.max_len_a)))]
+        # The encoder has max_positions positions; a longer source keeps its beginning (and its eos).
+        return self.sp.encode(sentence)[: self.model.cfg.max_positions - 1] + [EOS_ID]
 
     @torch.inference_mode()
     def search(self, sources: Sequence[Sequence[int]]) -> list[list[int]]:

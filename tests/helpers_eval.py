@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
@@ -61,17 +65,28 @@ def write_checkpoint(folder: Path, update: int, state: dict, config: dict) -> Pa
     return path
 
 
-def write_params(root: Path, tracking_uri: str, **sections) -> None:
-    """A params.yaml for the smoke-sized stages, with `sections` merged over it."""
+@functools.cache
+def mlflow_store() -> str:
+    """One SQLite store for the test session: creating one costs seconds (schema migrations)."""
+    folder = tempfile.mkdtemp(prefix="eval-mlflow-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return f"sqlite:///{folder}/mlflow.db"
+
+
+def write_params(root: Path, tracking_uri: str, experiment: str | None = None, **sections) -> str:
+    """A params.yaml for the smoke-sized stages, with `sections` merged over it; returns the experiment name,
+    unique to `root` unless given, so that tests sharing a store do not see each other's runs."""
+    experiment = experiment or f"eval-{root.name}"
     params = {
         "preset": "smoke",
         "average": {"last": 3},
         "decode": {"max_tokens": 200, "max_len_b": 10},
-        "mlflow": {"experiment": "eval-tests", "tracking_uri": tracking_uri},
+        "mlflow": {"experiment": experiment, "tracking_uri": tracking_uri},
     }
     for key, value in sections.items():
         params.setdefault(key, {}).update(value)
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    return experiment
 
 
 def make_workspace(root: Path, n_test: int = 24, updates: tuple[int, ...] = (100, 200, 300)) -> Transformer:

@@ -1,0 +1,88 @@
+"""Stage `decode`: line-aligned hypotheses in input order; token batching never changes a translation."""
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+from helpers_eval import make_workspace, mlflow_store, write_params
+
+from pipeline import decode as stage
+from pipeline.average import average
+from pipeline.translate import SearchOptions, Translator, read_lines, token_batches
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    make_workspace(tmp_path, n_test=12)
+    average(tmp_path / "models" / "checkpoints", tmp_path / "data" / "bpe", tmp_path / "models" / "average.pt", 3, {})
+    write_params(tmp_path, mlflow_store())
+    # A tiny model: one thread is several times faster than two contending with other jobs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def test_token_batches_cover_every_index_once_within_the_budget():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 30) for _ in range(200)]
+    batches = token_batches(lengths, max_tokens=60)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 60
+    # Sorted by length: each batch's longest is at most the previous batch's shortest.
+    for prev, nxt in zip(batches, batches[1:], strict=False):
+        assert max(lengths[i] for i in nxt) <= min(lengths[i] for i in prev)
+
+
+def test_a_sentence_longer_than_the_budget_gets_its_own_batch():
+    assert token_batches([5, 50, 5], max_tokens=10) == [[1], [0, 2]]
+
+
+def test_batching_by_tokens_gives_the_same_hypotheses_as_one_by_one(workspace):
+    sentences = read_lines(workspace / "data" / "raw" / "test.en")
+    options = SearchOptions(beam=3, max_len_b=8, max_tokens=120)
+    translator = Translator.from_file(workspace / "models" / "average.pt", options, device="cpu")
+    sources = [translator.encode(s) for s in sentences]
+    assert len(token_batches([len(s) for s in sources], 120)) > 1  # several batches, not one
+    batched = translator.translate(sentences)
+    one_by_one = [translator.translate([s])[0] for s in sentences]
+    assert batched == one_by_one
+    # And each position holds its own sentence's translation: reversing the input reverses the output.
+    assert translator.translate(sentences[::-1]) == batched[::-1]
+
+
+def test_stage_writes_line_aligned_hypotheses_and_speed(workspace):
+    source = workspace / "data" / "raw" / "test.en"
+    lines = read_lines(source)
+    # An empty line and a Unicode line separator must not shift the alignment.
+    lines[3], lines[5] = "", "A dog\u2028runs."
+    source.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+    stage.main(["--model", "models/average.pt", "--raw", "data/raw", "--out", "outputs/hyp.txt"])
+    hyps = (workspace / "outputs" / "hyp.txt").read_text(encoding="utf-8").split("\n")
+    assert hyps[-1] == "" and len(hyps) - 1 == len(lines)
+    metrics = json.loads((workspace / "metrics" / "decode.json").read_text())
+    assert metrics["sentences"] == len(lines) and metrics["sentences_per_second"] > 0
+    assert metrics["device"] == "cpu"
+
+
+def test_model_file_is_standalone_and_checked(workspace):
+    shutil.rmtree(workspace / "data" / "bpe")
+    translator = Translator.from_file(workspace / "models" / "average.pt", SearchOptions(beam=1, max_len_b=3))
+    assert len(translator.translate(["A man."])) == 1
+
+    blob = torch.load(workspace / "models" / "average.pt", weights_only=True)
+    blob["extra"]["bpe"]["model_proto"][100] ^= 1
+    torch.save(blob, workspace / "tampered.pt")
+    with pytest.raises(ValueError, match="tampered.pt: embedded sentencepiece model does not match"):
+        Translator.from_file(workspace / "tampered.pt")
+
+
+def test_missing_source_is_named(workspace):
+    with pytest.raises(FileNotFoundError, match="nope/test.en: file not found"):
+        stage.main(["--model", "models/average.pt", "--raw", "nope", "--out", "outputs/hyp.txt"])
