@@ -40,9 +40,7 @@ def hardware(args) -> list[Hardware]:
     eff = args.link_efficiency
     return [
         Hardware("p4d A100, EFA", a100, 300 * eff, 400 / 8 * eff, args.p4d_price, "EFA 400 Gbps"),
-        Hardware(
-            "p4d A100, TCP", a100, 300 * eff, args.tcp_gbps / 8 * eff, args.p4d_price, "TCP/ENA, no EFA"
-        ),
+        Hardware("p4d A100, TCP", a100, 300 * eff, args.tcp_gbps / 8 * eff, args.p4d_price, "TCP/ENA, no EFA"),
         Hardware("p5 H100, EFA", h100, 450 * eff, 3200 / 8 * eff, args.p5_price, "EFA 3200 Gbps"),
     ]
 

@@ -153,9 +153,7 @@ def check_install(prepared: dict) -> list[str]:
     problems = []
     for key in ("head_setup_commands", "worker_setup_commands"):
         cmds = prepared[key]
-        lock = [
-            i for i, c in enumerate(cmds) if "pip install" in c and f"-r {REMOTE_REPO}/requirements.lock" in c
-        ]
+        lock = [i for i, c in enumerate(cmds) if "pip install" in c and f"-r {REMOTE_REPO}/requirements.lock" in c]
         project = [i for i, c in enumerate(cmds) if "pip install" in c and f"--no-deps -e {REMOTE_REPO}" in c]
         if not lock:
             problems.append(f"{key}: no `pip install -r {REMOTE_REPO}/requirements.lock`")
@@ -187,13 +185,9 @@ def check(path: Path | str, allow_placeholders: bool = False) -> dict:
     problems = check_workers(prepared) + check_security(text, config) + check_install(prepared)
     problems += check_files(prepared)
     if not allow_placeholders and PLACEHOLDER in text:
-        problems.append(
-            f"{path}: replace {PLACEHOLDER} with your bucket: sed -i 's/{PLACEHOLDER}/my-bucket/g' {path}"
-        )
+        problems.append(f"{path}: replace {PLACEHOLDER} with your bucket: sed -i 's/{PLACEHOLDER}/my-bucket/g' {path}")
     if problems:
-        raise ClusterConfigError(
-            "\n".join(f"{path}: {p}" if not p.startswith(str(path)) else p for p in problems)
-        )
+        raise ClusterConfigError("\n".join(f"{path}: {p}" if not p.startswith(str(path)) else p for p in problems))
     return prepared
 
 
@@ -208,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 1
     types = ", ".join(
-        f"{k} {v.get('min_workers', 0)}..{v.get('max_workers', 0)}"
-        for k, v in prepared["available_node_types"].items()
+        f"{k} {v.get('min_workers', 0)}..{v.get('max_workers', 0)}" for k, v in prepared["available_node_types"].items()
     )
     print(f"{args.config}: OK (Ray {_ray_version()} validation and project checks). Node types: {types}")
     return 0

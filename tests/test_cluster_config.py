@@ -96,9 +96,7 @@ def _autoscale(prepared, demand):
     from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
     from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
 
-    scorer = functools.partial(
-        _default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary({})
-    )
+    scorer = functools.partial(_default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary({}))
     to_add, unfulfilled = get_nodes_for(
         prepared["available_node_types"],
         {},
@@ -146,9 +144,7 @@ def test_only_ssh_is_open_to_the_internet(shipped):
     _, config, _ = shipped
     rules = cc.effective_ingress(config)
     world = cc.world_open_rules(rules)
-    assert world == [
-        {"FromPort": 22, "ToPort": 22, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
-    ]
+    assert world == [{"FromPort": 22, "ToPort": 22, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]
     # Everything else (Ray 6379/8265/10001, MLflow 5000, NCCL) is allowed only from the cluster's own group.
     inside = [r for r in rules if r not in world]
     assert inside == [
