@@ -4,6 +4,11 @@ source-target vocabulary of about 37,000 tokens).
     python -m pipeline.learn_bpe --raw data/raw --out data/bpe
 
 Writes `<out>/spm.model` and `<out>/spm.vocab` atomically, with ids pad=0 unk=1 bos=2 eos=3.
+
+When the training text has more than `bpe.input_sentence_size` lines, we sample that many ourselves with
+`bpe.seed`: sentencepiece 0.2.3's own sampling (`shuffle_input_sentence`) draws a different sample in every
+process whatever `set_random_generator_seed` says (measured), which would make `dvc repro` learn a different
+vocabulary each time.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from pipeline.atomic import atomic_path
@@ -34,23 +41,47 @@ def train_inputs(raw: Path, src: str, tgt: str) -> list[Path]:
     return inputs
 
 
+def count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b""))
+
+
+def sample_lines(inputs: list[Path], size: int, seed: int) -> Iterator[str] | None:
+    """`size` lines drawn without replacement (seeded) from all of `inputs`; None if they have no more."""
+    total = sum(count_lines(p) for p in inputs)
+    if total <= size:
+        return None
+    keep = np.zeros(total, dtype=bool)
+    keep[np.random.default_rng(seed).choice(total, size=size, replace=False)] = True
+
+    def lines() -> Iterator[str]:
+        i = 0
+        for path in inputs:
+            with open(path, encoding="utf-8", newline="\n") as f:
+                for line in f:
+                    if keep[i]:
+                        yield line.rstrip("\n")
+                    i += 1
+
+    return lines()
+
+
 def learn_bpe(raw: Path | str, out: Path | str, src: str, tgt: str, bpe: BpeParams, verbose=False) -> Path:
     """Train `<out>/spm.model`; the folder appears only once the model is complete."""
     inputs = train_inputs(Path(raw), src, tgt)
-    # The sampling of input_sentence_size sentences (and nothing else) is random: seeding it makes the
-    # model a function of the data and the params.
-    spm.set_random_generator_seed(bpe.seed)
+    sample = sample_lines(inputs, bpe.input_sentence_size, bpe.seed)
+    source = {"input": [str(p) for p in inputs]} if sample is None else {"sentence_iterator": sample}
     with atomic_path(out) as tmp:
         tmp.mkdir()
         try:
             spm.SentencePieceTrainer.train(
-                input=[str(p) for p in inputs],
+                **source,
                 model_prefix=str(tmp / "spm"),
                 model_type="bpe",
                 vocab_size=bpe.vocab_size,
                 character_coverage=bpe.character_coverage,
-                input_sentence_size=bpe.input_sentence_size,
-                shuffle_input_sentence=True,
+                input_sentence_size=bpe.input_sentence_size,  # no more than we pass: no sampling of its own
+                shuffle_input_sentence=False,
                 pad_id=0,
                 unk_id=1,
                 bos_id=2,
