@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from pipeline.atomic import atomic_path
 from pipeline.params import BpeParams, load_params
@@ -91,7 +92,18 @@ def learn_bpe(raw: Path | str, out: Path | str, src: str, tgt: str, bpe: BpePara
             )
         except RuntimeError as e:
             raise too_high(e, bpe.vocab_size) or e from None
+        make_reproducible(tmp / "spm.model")
     return Path(out) / "spm.model"
+
+
+def make_reproducible(model: Path) -> None:
+    """Drop what the model records about this run only (its temporary folder, the core count), so the
+    same data and params give the same bytes, hence the same DVC hash, on any machine."""
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(model.read_bytes())
+    proto.trainer_spec.model_prefix = "spm"
+    proto.trainer_spec.ClearField("num_threads")
+    model.write_bytes(proto.SerializeToString())
 
 
 def too_high(error: RuntimeError, vocab_size: int) -> BpeError | None:

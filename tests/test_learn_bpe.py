@@ -59,6 +59,8 @@ def test_same_seed_same_model(raw, tmp_path):
     # Sampling 500 of the 8,000 sentences makes the seed matter.
     a, b, c = (run_cli(raw, tmp_path / name, seed) for name, seed in (("a", 7), ("b", 7), ("c", 8)))
     assert a == b and a != c
+    # Byte for byte, although each was written in its own temporary folder: DVC hashes the file.
+    assert (tmp_path / "a" / "spm.model").read_bytes() == (tmp_path / "b" / "spm.model").read_bytes()
 
 
 def test_vocabulary_too_large_names_the_key_and_keeps_the_old_model(raw, tmp_path):
