@@ -29,7 +29,7 @@ from pathlib import Path
 import mlflow
 import psutil
 import yaml
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import Metric, Param, Run
 from mlflow.tracking import MlflowClient
 
 from pipeline.params import PARAMS_FILE, Params
@@ -150,16 +150,16 @@ def outs_digest(hashes: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(sorted(hashes.items())).encode()).hexdigest()[:32]
 
 
-def lock_digests(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
+def read_lock(lock_file: Path = Path("dvc.lock")) -> dict[str, dict]:
+    """Stage name -> its dvc.lock entry (cmd, deps, params, outs with their md5)."""
     if not lock_file.exists():
         return {}
-    stages = (yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}).get("stages", {})
-    digests = {}
-    for name, entry in stages.items():
-        hashes = {o["path"]: o["md5"] for o in entry.get("outs", []) if "md5" in o}
-        if hashes:
-            digests[name] = outs_digest(hashes)
-    return digests
+    return (yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}).get("stages", {})
+
+
+def lock_digest(entry: Mapping) -> str | None:
+    hashes = {o["path"]: o["md5"] for o in entry.get("outs", []) if "md5" in o}
+    return outs_digest(hashes) if hashes else None
 
 
 def file_outputs_digest(paths: list[str]) -> str | None:
@@ -177,9 +177,11 @@ def stage_children(client: MlflowClient, experiment_id: str, parent: str) -> dic
 
 
 def link_cached_stage(
-    client: MlflowClient, experiment_id: str, parent: str, stage: str, digest: str, params: Params
+    client: MlflowClient, experiment_id: str, parent: str, stage: str, entry: Mapping, common_tags: Mapping
 ) -> str:
-    """A child run under `parent` standing for a stage DVC did not rerun, linked to the run that did."""
+    """A child run under `parent` standing for a stage with no run in this execution, linked to the run that
+    produced its current outputs; its params are those dvc.lock records for these outputs."""
+    digest = lock_digest(entry)
     found = client.search_runs(
         [experiment_id],
         filter_string=f"tags.stage = '{stage}' and tags.dvc_outs = '{digest}' and tags.cached = 'false'",
@@ -188,42 +190,48 @@ def link_cached_stage(
     )
     origin = found[0] if found else None
     tags = {"mlflow.parentRunId": parent, "stage": stage, "kind": "stage", "cached": "true", "dvc_outs": digest}
-    tags.update(run_tags(params))
+    tags.update(common_tags)
+    tags["mlflow.note.content"] = (
+        "No run of this stage in this pipeline execution: DVC skipped it (its outputs were up to date), "
+        "or the stage does not log to MLflow. Params: as recorded in dvc.lock for its current outputs. "
+    )
+    params = {k: str(v) for k, v in flatten(entry.get("params", {}).get("params.yaml", {})).items()}
+    metrics, carried = {}, {}
     if origin is not None:
         tags["linked_run_id"] = origin.info.run_id
-        tags["mlflow.note.content"] = (
-            f"Skipped by DVC: its outputs were up to date. They were produced by run "
-            f"{origin.info.run_name} ({origin.info.run_id}); params and final metrics are copied from it."
+        tags["mlflow.note.content"] += (
+            f"They were produced by run {origin.info.run_name} ({origin.info.run_id}), whose final metrics "
+            "are copied here; its artifacts and metric history are there."
         )
-    else:
-        tags["mlflow.note.content"] = "Skipped by DVC: its outputs were up to date (no MLflow run of them found)."
-    run_id = client.create_run(experiment_id, run_name=stage, tags=tags).info.run_id
-    if origin is not None:
-        now = int(time.time() * 1000)
-        client.log_batch(
-            run_id,
-            metrics=[Metric(k, v, now, 0) for k, v in origin.data.metrics.items()],
-            params=[Param(k, v) for k, v in origin.data.params.items()],
-            tags=[RunTag(k, v) for k, v in origin.data.tags.items() if k in CARRIED_TAGS],
-        )
+        params = {**origin.data.params, **params}
+        metrics = origin.data.metrics
+        carried = {k: v for k, v in origin.data.tags.items() if k in CARRIED_TAGS}
+    run_id = client.create_run(experiment_id, run_name=stage, tags={**tags, **carried}).info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+        params=[Param(k, v) for k, v in params.items()],
+    )
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
-def link_cached_stages(client: MlflowClient, experiment_id: str, parent: str, stage: str, params: Params) -> None:
+def link_cached_stages(client: MlflowClient, experiment_id: str, parent: str, stage: str, common_tags: Mapping) -> None:
     """Tag the runs of this execution with their outputs' hashes; add children for the stages DVC skipped."""
     order = list(dag_stages())
     if stage not in order:
         return
-    digests = lock_digests()
+    lock = read_lock()
     children = stage_children(client, experiment_id, parent)
     for earlier in order[: order.index(stage)]:
-        digest = digests.get(earlier)
-        child = children.get(earlier)
+        entry = lock.get(earlier)
+        digest = lock_digest(entry) if entry else None
         if digest is None:
             continue  # DVC never ran this stage here: nothing to stand for
+        child = children.get(earlier)
         if child is None:
-            link_cached_stage(client, experiment_id, parent, earlier, digest, params)
+            link_cached_stage(client, experiment_id, parent, earlier, entry, common_tags)
         elif child.data.tags.get("dvc_outs") != digest:
             client.set_tag(child.info.run_id, "dvc_outs", digest)
 
@@ -241,7 +249,7 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...]) -> Iterator
     client = MlflowClient()
     experiment_id = ensure_experiment(client, params.mlflow.experiment)
     parent = parent_run_id(client, experiment_id, params)
-    link_cached_stages(client, experiment_id, parent, stage, params)
+    link_cached_stages(client, experiment_id, parent, stage, run_tags(params))
     tags = {"mlflow.parentRunId": parent, "stage": stage, "kind": "stage", "cached": "false", **run_tags(params)}
     try:
         with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:

@@ -35,7 +35,11 @@ def write_lock_entry(stage, content):
         with open("dvc.lock") as f:
             lock = yaml.safe_load(f)
     md5 = hashlib.md5(content.encode()).hexdigest()
-    lock["stages"][stage] = {"cmd": f"run {stage}", "outs": [{"path": f"{stage}.out", "hash": "md5", "md5": md5}]}
+    lock["stages"][stage] = {
+        "cmd": f"run {stage}",
+        "params": {"params.yaml": {"data.source_lang": "en", "bpe": {"vocab_size": 1000}}},
+        "outs": [{"path": f"{stage}.out", "hash": "md5", "md5": md5}],
+    }
     with open("dvc.lock", "w") as f:
         yaml.safe_dump(lock, f)
 
@@ -92,7 +96,11 @@ def test_stages_dvc_skipped_appear_under_the_new_parent_linked_to_their_origin(w
         linked = children[stage]
         assert linked.data.tags["cached"] == "true"
         assert linked.data.tags["linked_run_id"] == first[stage]
-        assert linked.data.metrics["loss"] == i and linked.data.params["bpe.vocab_size"] == "37000"
+        assert linked.data.metrics["loss"] == i
+        # Params as dvc.lock recorded them for these outputs, over those the origin run logged.
+        assert linked.data.params["data.source_lang"] == "en" and linked.data.params["bpe.vocab_size"] == "1000"
+        assert linked.data.params["data.target_lang"] == "de"
+        assert linked.data.tags["git_commit"] == second.data.tags["git_commit"]
         assert first[stage] in linked.data.tags["mlflow.note.content"]
         assert linked.info.status == "FINISHED"
 
@@ -107,6 +115,15 @@ def test_cached_stage_links_the_run_of_its_current_outputs_not_the_latest_run(wo
     fourth = next(r for r in runs if r.data.tags.get("pipeline_key") == "test:4")
     children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == fourth.info.run_id}
     assert children["download"].data.tags["linked_run_id"] == first
+
+
+def test_a_stage_that_does_not_log_still_appears_with_its_locked_params(workspace, monkeypatch):
+    write_lock_entry("download", "made without MLflow")
+    run_stage("learn_bpe", "bpe", 1, monkeypatch)
+    runs = runs_of(workspace)
+    (linked,) = [r for r in runs if r.data.tags.get("stage") == "download"]
+    assert linked.data.tags["cached"] == "true" and "linked_run_id" not in linked.data.tags
+    assert linked.data.params == {"data.source_lang": "en", "bpe.vocab_size": "1000"}
 
 
 def test_a_failing_stage_fails_its_run_and_the_parent(workspace, monkeypatch):
