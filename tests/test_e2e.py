@@ -1,0 +1,192 @@
+"""End to end: a copy of this repository runs the whole DAG with `dvc exp run -S preset=smoke`, then proves that
+DVC caches what it should, MLflow records every stage, and the logged model translates (in Python and served).
+
+The smoke preset is shrunk further (fewer updates) so the test checks the wiring in a few minutes; `make demo`
+runs the preset itself.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("download", "learn_bpe", "binarise", "train", "average", "decode", "score")
+SMALL = ["-S", "preset=smoke", "-S", "train.max_updates=60", "-S", "train.checkpoint_every_updates=20"]
+SMALL += ["-S", "train.validate_every_updates=20", "-S", "train.warmup=20"]
+
+pytestmark = pytest.mark.slow
+
+
+def copy_repository(dest: Path) -> None:
+    """A git repository holding this checkout's files as they are now (tracked and new, not ignored)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, (f.decode() for f in files)):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    git = ["git", "-c", "user.name=e2e", "-c", "user.email=e2e@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "e2e copy"], cwd=dest, check=True)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    dest = tmp_path_factory.mktemp("e2e") / "repo"
+    dest.mkdir()
+    copy_repository(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the stages' `python`
+    env |= {"DVC_NO_ANALYTICS": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    return env
+
+
+def run(repo, env, *cmd, timeout=600) -> str:
+    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out.stdout + out.stderr
+
+
+def ran(log: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in log]
+
+
+@pytest.fixture(scope="module")
+def pipeline(repo, env):
+    """Two experiments: the whole DAG, then the same with beam 2; and a `dvc repro` in between."""
+    first = run(repo, env, "dvc", "exp", "run", *SMALL)
+    score = json.loads((repo / "metrics" / "score.json").read_text())
+    again = run(repo, env, "dvc", "repro")
+    second = run(repo, env, "dvc", "exp", "run", *SMALL, "-S", "decode.beam=2")
+    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["transformer-smoke"], output_format="list")
+    return {"first": first, "score": score, "again": again, "second": second, "runs": runs}
+
+
+def test_first_experiment_runs_all_seven_stages_and_scores(pipeline):
+    assert ran(pipeline["first"]) == list(STAGES)
+    score = pipeline["score"]
+    assert 0 <= score["bleu"] <= 100 and score["bleu_signature"].startswith("nrefs:1|case:mixed")
+    assert 0 <= score["chrf"] <= 100
+
+
+def test_second_repro_does_nothing_and_a_decode_param_reruns_only_decode_and_score(pipeline):
+    assert ran(pipeline["again"]) == []
+    assert ran(pipeline["second"]) == ["decode", "score"]
+
+
+def test_mlflow_has_a_parent_per_experiment_with_every_stage(pipeline, repo):
+    runs = pipeline["runs"]
+    parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
+    assert len(parents) == 2  # the `dvc repro` that did nothing made no run
+    for parent in parents:
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(c.data.tags["stage"] for c in children) == sorted(STAGES)
+        for run in [parent, *children]:
+            assert run.data.tags["dvc_experiment"] == parent.info.run_name
+            assert len(run.data.tags["git_commit"]) == 40
+        for child in children:
+            assert child.data.params, f"{child.data.tags['stage']} has no params"
+        assert {"bleu", "chrf"} <= set(parent.data.metrics)
+        assert parent.info.status == "FINISHED"
+    # In the second experiment only decode and score ran; train and average link the first's runs.
+    second = max(parents, key=lambda r: r.info.start_time)
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == second.info.run_id}
+    assert {s for s, r in children.items() if r.data.tags["cached"] == "false"} == {"decode", "score"}
+    for stage in ("train", "average"):
+        origin = mlflow.get_run(children[stage].data.tags["linked_run_id"])
+        assert origin.data.tags["stage"] == stage and origin.info.run_id != children[stage].info.run_id
+    assert children["decode"].data.params["decode.beam"] == "2"
+
+
+def test_mlflow_holds_the_artifacts(pipeline):
+    runs = {r.data.tags.get("stage"): r for r in pipeline["runs"] if r.data.tags.get("cached") == "false"}
+    client = mlflow.MlflowClient()
+
+    def paths(stage, folder):
+        return [a.path for a in client.list_artifacts(runs[stage].info.run_id, folder)]
+
+    assert "bpe/spm.model" in paths("average", "bpe")
+    assert "outputs/hyp.txt" in paths("decode", "outputs")
+    assert "metrics/score.json" in paths("score", "metrics")
+
+
+def test_the_logged_pyfunc_model_translates(pipeline):
+    parent = max(
+        (r for r in pipeline["runs"] if r.data.tags.get("kind") == "pipeline"), key=lambda r: r.info.start_time
+    )
+    model = mlflow.pyfunc.load_model(parent.data.tags["translator_uri"])
+    out = model.predict(["A man is walking.", "Two dogs."])
+    assert len(out) == 2 and all(isinstance(s, str) for s in out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_on_localhost(pipeline, repo, env):
+    parent = max(
+        (r for r in pipeline["runs"] if r.data.tags.get("kind") == "pipeline"), key=lambda r: r.info.start_time
+    )
+    port = free_port()
+    cmd = ["mlflow", "models", "serve", "-m", parent.data.tags["translator_uri"], "--env-manager", "local"]
+    cmd += ["-h", "127.0.0.1", "-p", str(port)]
+    server_env = env | {"MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"}
+    server = subprocess.Popen(
+        cmd, cwd=repo, env=server_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )  # noqa: E501
+    try:
+        body = json.dumps({"inputs": ["A man is walking."]}).encode()
+        for _ in range(120):
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+                )  # noqa: E501
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-3000:]
+                time.sleep(1)
+        else:
+            pytest.fail("the model server did not answer within 120 s")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert len(answer["predictions"]) == 1 and isinstance(answer["predictions"][0], str)
+
+
+def test_metrics_plots_and_summary(pipeline, repo, env):
+    assert "bleu" in run(repo, env, "dvc", "metrics", "show")
+    plots = json.loads(run(repo, env, "dvc", "plots", "show", "--json"))
+    shown = json.dumps(plots)
+    for name, y in (("plots/train.csv", "loss"), ("plots/valid.csv", "valid_loss")):
+        assert name in shown and f'"{y}"' in shown
+    summary = run(repo, env, sys.executable, "-m", "pipeline.summary")
+    assert f"BLEU  {pipeline['score']['bleu']:.2f}   sacreBLEU nrefs:1" in summary
+    assert (
+        f"mlflow ui --backend-store-uri sqlite:///{repo}/mlflow.db --host 127.0.0.1 --port 5000 --workers 1" in summary
+    )
+    assert "Model training" in summary
