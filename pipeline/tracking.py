@@ -251,6 +251,9 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...]) -> Iterator
     parent = parent_run_id(client, experiment_id, params)
     link_cached_stages(client, experiment_id, parent, stage, run_tags(params))
     tags = {"mlflow.parentRunId": parent, "stage": stage, "kind": "stage", "cached": "false", **run_tags(params)}
+    # The parent is RUNNING while one of its stages runs and FINISHED between them, so an execution that
+    # ends early (DVC skipping the rest) still shows as finished.
+    client.update_run(parent, status="RUNNING")
     try:
         with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
             flat = {}
@@ -261,6 +264,7 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...]) -> Iterator
             digest = file_outputs_digest(dag_stages().get(stage, []))
             if digest:
                 mlflow.set_tag("dvc_outs", digest)
+        client.set_terminated(parent, "FINISHED")
     except BaseException:
         client.set_terminated(parent, "FAILED")
         raise
