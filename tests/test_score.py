@@ -91,3 +91,14 @@ def test_compound_splitting_rewards_partly_right_compounds():
     refs, hyps = ["Kinder spielen im Schnee-Park heute ."], ["Kinder spielen im Schnee-Garten heute ."]
     result = stage.score(hyps, refs)
     assert result["bleu_compound_split"] > result["bleu"]
+
+
+def test_summary_prints_the_scores_and_how_to_open_the_ui(workspace):
+    from pipeline.summary import summary
+
+    scores = {"split": "test", **stage.score(["Ein Hund läuft."], ["Ein Hund läuft."])}
+    text = summary(scores, f"sqlite:///{workspace}/mlflow.db", "nothing-here")
+    assert "BLEU  100.00   sacreBLEU nrefs:1|case:mixed|eff:no|tok:13a" in text
+    assert "chrF  100.00" in text and "compound splitting" in text
+    ui = f"mlflow ui --backend-store-uri sqlite:///{workspace}/mlflow.db --host 127.0.0.1 --port 5000 --workers 1"
+    assert ui in text and "'Model training' switch" in text
