@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import MULTI30K
 
 from transformer.batching import (
     BatchPlan,
@@ -18,8 +19,6 @@ from transformer.batching import (
     padding_fraction,
 )
 from transformer.model import BOS_ID, EOS_ID, PAD_ID
-
-from conftest import MULTI30K
 
 
 def lengths(n=500, seed=0):

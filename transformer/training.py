@@ -144,7 +144,9 @@ class Trainer:
             self.module, model_cfg.d_model, cfg.warmup, cfg.lr_factor, cfg.adam_betas, cfg.adam_eps
         )
         self.train_data, self.valid_data = train_data, valid_data
-        self.plan = BatchPlan(train_data.src_lengths, train_data.tgt_lengths, cfg.update_tokens, cfg.max_tokens, cfg.seed)
+        self.plan = BatchPlan(
+            train_data.src_lengths, train_data.tgt_lengths, cfg.update_tokens, cfg.max_tokens, cfg.seed
+        )
         self.valid_batches = (
             fixed_batches(valid_data.src_lengths, valid_data.tgt_lengths, cfg.max_tokens) if valid_data else []
         )
