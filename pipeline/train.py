@@ -195,6 +195,7 @@ def final_metrics(summary: dict, wall_time: float, workers: int) -> dict:
         "stopped_by": summary["stopped_by"],
         "resumed_from_update": summary.get("resumed_from"),
         "workers": workers,
+        "worker_nodes": summary.get("worker_nodes"),
         "wall_time_s": round(wall_time, 1),
     }
 

@@ -87,6 +87,16 @@ def restored_state() -> dict | None:
         return load(Path(folder) / CHECKPOINT_FILE)  # on CPU: RNG states must stay there
 
 
+def worker_nodes(world_size: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (where the workers actually ran)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world_size == 1:
+        return [node]
+    nodes: list[str | None] = [None] * world_size
+    torch.distributed.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train's per-worker entry point; `config` holds plain values and object refs only."""
     ctx = ray.train.get_context()
@@ -118,4 +128,5 @@ def train_loop_per_worker(config: dict) -> dict:
     hooks = RayHooks(rank, world_size, config["tracking_uri"], config["run_id"], config["crash_at_update"])
     summary = trainer.fit(hooks)
     summary["resumed_from"] = None if state is None else state["update"]
+    summary["worker_nodes"] = worker_nodes(world_size)
     return {"summary": summary, "history": trainer.history}
