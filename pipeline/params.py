@@ -112,6 +112,7 @@ class TrainParams(Section):
     max_bad_updates: PositiveInt = 10  # consecutive non-finite updates before the run stops
     storage_path: str = "runs/ray"  # Ray's storage: a local folder, a shared filesystem or s3://...
     run_name: str = "train"
+    max_failures: NonNegInt = 3  # worker-group restarts (from the last checkpoint) before the run fails
     crash_at_update: PositiveInt | None = None  # fault injection for tests: one worker raises once
 
     @model_validator(mode="after")

@@ -1,0 +1,239 @@
+"""`train` stage: the Transformer trained through Ray Train on 1..N workers and nodes, resumable, in MLflow.
+
+    python -m pipeline.train --data data/bin --out models/checkpoints
+
+The driver loads the binarised train and valid splits and puts them in Ray's object store (workers need no
+shared filesystem), starts a local Ray (or joins `RAY_ADDRESS`), and runs `TorchTrainer` under an MLflow child
+run. The Ray run is named `<train.run_name>-<fingerprint>`, the fingerprint hashing everything that shapes the
+trajectory (model, optimisation, batching, data), so a rerun of the same configuration after a crash finds its
+run in `train.storage_path` and Ray Train V2 restores it: the workers continue from the checkpoint Ray hands
+back, whose own data position makes the resume exact. At the end the last `keep_checkpoints` checkpoints
+(weights only) go to `--out`, with metrics/train.json, plots/train.csv and plots/valid.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import mlflow
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from pipeline.atomic import atomic_path, write_text_atomic
+from pipeline.params import Params, TrainParams, load_params
+from pipeline.tracking import git_commit, stage_run, tracking_uri
+from pipeline.train_worker import CHECKPOINT_FILE, train_loop_per_worker
+from transformer.batching import PackedCorpus
+from transformer.checkpoint import load, save_atomic
+from transformer.model import make_config
+from transformer.training import TrainingConfig
+
+METRICS_FILE = Path("metrics/train.json")
+TRAIN_PLOT, VALID_PLOT = Path("plots/train.csv"), Path("plots/valid.csv")
+# Keys that do not change which weights a run produces: a rerun that differs only in these resumes.
+NOT_TRAJECTORY = {
+    "max_updates", "max_epochs", "max_minutes", "checkpoint_every_minutes", "checkpoint_every_updates",
+    "keep_checkpoints", "validate_every_updates", "log_every_updates", "workers", "use_gpu", "cpus_per_worker",
+    "compile", "max_bad_updates", "storage_path", "run_name", "crash_at_update", "max_failures",
+}  # fmt: skip
+
+
+def load_data(folder: Path) -> tuple[dict, PackedCorpus, PackedCorpus | None]:
+    """meta.json and the train/valid splits copied into RAM, in the direction the corpus was binarised for."""
+    from transformer.corpus import ParallelCorpus, read_meta
+
+    meta = read_meta(folder)
+    src, tgt = meta["langs"]["source"], meta["langs"]["target"]
+    train = PackedCorpus.from_corpus(ParallelCorpus.load(folder, "train", src, tgt))
+    valid = ParallelCorpus.load(folder, "valid", src, tgt)
+    return meta, train, (PackedCorpus.from_corpus(valid) if len(valid) else None)
+
+
+def fingerprint(params: Params, data: Path) -> str:
+    """Hash of what shapes the trajectory: model, optimisation and batching params, and the data itself."""
+    h = hashlib.sha256()
+    h.update(json.dumps(params.model.model_dump(mode="json"), sort_keys=True).encode())
+    train = {k: v for k, v in params.train.model_dump(mode="json").items() if k not in NOT_TRAJECTORY}
+    h.update(json.dumps(train, sort_keys=True).encode())
+    for path in sorted(data.glob("meta.json")) + sorted(data.glob("*.idx.npy")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def init_ray(train: TrainParams) -> None:
+    """Join the cluster at RAY_ADDRESS (shipping our code to its nodes), else start a small local one."""
+    if os.environ.get("RAY_ADDRESS"):
+        repo = Path(__file__).resolve().parents[1]
+        ray.init(runtime_env={"py_modules": [str(repo / "transformer"), str(repo / "pipeline")]})
+        return
+    workers = 1 if train.workers == "auto" else train.workers
+    gpus = torch.cuda.device_count()
+    ray.init(num_cpus=workers * train.cpus_per_worker, num_gpus=gpus, include_dashboard=False)
+
+
+def scaling(train: TrainParams) -> ray.train.ScalingConfig:
+    """`auto`: every GPU in the cluster, one worker each; with no GPU, one CPU worker."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0 if train.use_gpu == "auto" else train.use_gpu
+    if use_gpu and gpus == 0:
+        raise RuntimeError("params.yaml: key 'train.use_gpu' is true but the Ray cluster has no GPU")
+    workers = (gpus if use_gpu else 1) if train.workers == "auto" else train.workers
+    resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def training_config(train: TrainParams, stage_start: float) -> dict:
+    fields = set(TrainingConfig.__dataclass_fields__) - {"start_time", "deadline"}
+    values = {k: v for k, v in train.model_dump().items() if k in fields}
+    deadline = stage_start + train.max_minutes * 60 if train.max_minutes is not None else None
+    return {**values, "start_time": stage_start, "deadline": deadline}
+
+
+def system_tags(scaling_config: ray.train.ScalingConfig, run_name: str) -> dict[str, str]:
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or [platform.processor()]
+    return {
+        "torch_version": torch.__version__,
+        "ray_version": ray.__version__,
+        "python_version": platform.python_version(),
+        "workers": str(scaling_config.num_workers),
+        "use_gpu": str(scaling_config.use_gpu),
+        "devices": ", ".join(devices),
+        "cluster_nodes": str(len([n for n in ray.nodes() if n["Alive"]])),
+        "git_commit": git_commit(),
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+        "ray_run": run_name,
+    }
+
+
+def fit(params: Params, data: Path, run_id: str, stage_start: float) -> tuple[ray.train.Result, int]:
+    """Run (or resume) the Ray Train run of this configuration; returns its result and the number of workers."""
+    meta, train_data, valid_data = load_data(data)
+    model_cfg = make_config(params.model.arch, meta["vocab_size"], **params.model.overrides())
+    train = params.train
+    name = f"{train.run_name}-{fingerprint(params, data)}"
+    storage = train.storage_path if "://" in train.storage_path else str(Path(train.storage_path).resolve())
+    scaling_config = scaling(train)
+    mlflow.set_tags(system_tags(scaling_config, name))
+    mlflow.log_params({"model.vocab_size": model_cfg.vocab_size, "model.parameters": _count(model_cfg)})
+    config = {
+        "model": model_cfg.to_dict(),
+        "training": training_config(train, stage_start),
+        "train_ref": ray.put(train_data.to_arrays()),
+        "valid_ref": ray.put(valid_data.to_arrays()) if valid_data is not None else None,
+        "tracking_uri": tracking_uri(params),
+        "run_id": run_id,
+        "crash_at_update": train.crash_at_update,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=scaling_config,
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+        ),
+    )
+    return trainer.fit(), scaling_config.num_workers
+
+
+def _count(model_cfg) -> int:
+    from transformer.model import Transformer
+
+    with torch.device("meta"):
+        return Transformer(model_cfg).num_parameters()
+
+
+def kept_checkpoints(result: ray.train.Result) -> list[dict]:
+    """The last `keep_checkpoints` training states, oldest first, as stored by Ray."""
+    states = []
+    for checkpoint, _ in result.best_checkpoints or []:
+        with checkpoint.as_directory() as folder:
+            states.append(load(Path(folder) / CHECKPOINT_FILE))
+    return sorted(states, key=lambda s: s["update"])
+
+
+def write_checkpoints(states: list[dict], out: Path) -> None:
+    """Weights, config and update of each kept checkpoint (no optimiser: resume state stays in Ray's storage)."""
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for s in states:
+            slim = {"model": s["model"], "config": s["config"], "update": s["update"], "tokens": s["tokens"]}
+            save_atomic(slim, tmp / f"checkpoint_{s['update']:08d}.pt")
+
+
+def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def final_metrics(summary: dict, wall_time: float, workers: int) -> dict:
+    return {
+        "train_loss": summary.get("loss"),
+        "train_nll": summary.get("nll"),
+        "valid_loss": summary.get("valid_loss"),
+        "valid_nll": summary.get("valid_nll"),
+        "valid_ppl": summary.get("valid_ppl"),
+        "updates": summary["updates"],
+        "tokens": summary["tokens"],
+        "skipped_updates": summary["skipped_updates"],
+        "epoch": summary["epoch"],
+        "stopped_by": summary["stopped_by"],
+        "resumed_from_update": summary.get("resumed_from"),
+        "workers": workers,
+        "worker_nodes": summary.get("worker_nodes"),
+        "wall_time_s": round(wall_time, 1),
+    }
+
+
+def write_outputs(result: ray.train.Result, out: Path, stage_start: float, workers: int) -> dict:
+    if result.return_value is None:
+        raise RuntimeError(f"Ray Train run {result.path} returned nothing from rank 0 (see the log above)")
+    summary, history = result.return_value["summary"], result.return_value["history"]
+    states = kept_checkpoints(result)
+    if not states:
+        raise RuntimeError(f"Ray Train run {result.path} kept no checkpoint")
+    write_checkpoints(states, out)
+    write_csv(TRAIN_PLOT, history["train"], ("update", "loss", "nll", "ppl", "lr", "tokens_per_s", "grad_norm"))
+    write_csv(VALID_PLOT, history["valid"], ("update", "valid_loss", "valid_nll", "valid_ppl"))
+    metrics = final_metrics(summary, time.time() - stage_start, workers)
+    write_text_atomic(METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+    mlflow.log_artifacts(str(out), artifact_path="checkpoints")
+    mlflow.log_artifact(str(METRICS_FILE))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_start = time.time()  # train.max_minutes counts from here, Ray start-up included
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="binarised corpus (data/bin)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the kept checkpoints")
+    args = parser.parse_args(argv)
+    params = load_params()
+    init_ray(params.train)
+    try:
+        with stage_run("train", params, ("model", "train")) as run:
+            result, workers = fit(params, args.data, run.info.run_id, stage_start)
+            metrics = write_outputs(result, args.out, stage_start, workers)
+    finally:
+        ray.shutdown()
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()

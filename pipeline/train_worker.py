@@ -1,0 +1,132 @@
+"""The function every Ray Train worker runs: build the typed configs, fetch the data from the object store,
+hand the loop to `transformer.training.Trainer` and plug Ray and MLflow in through `Hooks`.
+
+Ray appears in a handful of calls: `get_context`, `get_checkpoint`, `prepare_model`, `get_device`, `report`.
+Rank 0 logs to MLflow (batched) and writes checkpoints; every rank reports, because `ray.train.report` is a
+barrier. Resume: `get_checkpoint()` is whatever Ray hands back (the newest registered checkpoint, or after a
+hard death the one before it); the data position and everything else come from inside that checkpoint.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from transformer.batching import PackedCorpus
+from transformer.checkpoint import load
+from transformer.model import TransformerConfig
+from transformer.training import Hooks, Step, Trainer, TrainingConfig
+
+CHECKPOINT_FILE = "checkpoint.pt"
+TRAIN_METRICS = ("loss", "nll", "ppl", "lr", "tokens_per_s", "grad_norm", "skipped")
+VALID_METRICS = ("valid_loss", "valid_nll", "valid_ppl")
+
+
+class InjectedCrash(RuntimeError):
+    """Raised once by one worker when `train.crash_at_update` is set (fault-injection tests)."""
+
+
+class RayHooks(Hooks):
+    def __init__(self, rank: int, world_size: int, tracking_uri: str | None, run_id: str | None, crash_at: int | None):
+        self.rank, self.world_size, self.crash_at = rank, world_size, crash_at
+        self.client = MlflowClient(tracking_uri) if (rank == 0 and run_id) else None
+        self.run_id = run_id
+
+    def log(self, record: dict, keys: tuple[str, ...]) -> None:
+        if self.client is None:
+            return
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(record[k]), now, int(record["update"])) for k in keys if k in record]
+        self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+
+    def on_log(self, trainer: Trainer, record: dict) -> None:
+        self.log(record, TRAIN_METRICS)
+
+    def on_validate(self, trainer: Trainer, record: dict) -> None:
+        self.log(record, VALID_METRICS)
+
+    def on_update(self, trainer: Trainer, step: Step) -> None:
+        mine = self.crash_at is not None and trainer.update == self.crash_at and self.rank == self.world_size - 1
+        if mine and claim_crash(self.crash_at):
+            raise InjectedCrash(f"injected crash at update {self.crash_at} (train.crash_at_update)")
+
+    def on_checkpoint(self, trainer: Trainer, state: dict | None, metrics: dict) -> None:
+        name = f"checkpoint_{trainer.update:08d}"
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            checkpoint = None
+            if state is not None:
+                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def claim_crash(update: int) -> bool:
+    """True the first time in this run's storage: a restarted worker must not crash again at the same update."""
+    storage = ray.train.get_context().get_storage()
+    fs, path = storage.storage_filesystem, f"{storage.experiment_fs_path}/injected_crash_{update}"
+    if fs.get_file_info(path).type.name != "NotFound":
+        return False
+    with fs.open_output_stream(path) as f:
+        f.write(b"1")
+    return True
+
+
+def restored_state() -> dict | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return load(Path(folder) / CHECKPOINT_FILE)  # on CPU: RNG states must stay there
+
+
+def worker_nodes(world_size: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (where the workers actually ran)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world_size == 1:
+        return [node]
+    nodes: list[str | None] = [None] * world_size
+    torch.distributed.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Ray Train's per-worker entry point; `config` holds plain values and object refs only."""
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    train_data = PackedCorpus.from_arrays(ray.get(config["train_ref"]))
+    valid_data = PackedCorpus.from_arrays(ray.get(config["valid_ref"])) if config["valid_ref"] is not None else None
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(module, move_to_device=False)
+
+    trainer = Trainer(
+        TransformerConfig(**config["model"]),
+        TrainingConfig(**config["training"]),
+        train_data,
+        valid_data,
+        device,
+        wrap=wrap if world_size > 1 else None,
+    )
+    state = restored_state()
+    if state is not None:
+        trainer.load_state_dict(state)
+        if rank == 0:
+            print(
+                f"resumed from update {trainer.update} (epoch {trainer.position.epoch}, batch "
+                f"{trainer.position.index})",
+                flush=True,
+            )
+    hooks = RayHooks(rank, world_size, config["tracking_uri"], config["run_id"], config["crash_at_update"])
+    summary = trainer.fit(hooks)
+    summary["resumed_from"] = None if state is None else state["update"]
+    summary["worker_nodes"] = worker_nodes(world_size)
+    return {"summary": summary, "history": trainer.history}

@@ -1,0 +1,133 @@
+"""Token-budget batching: budgets hold, every sentence appears once per epoch, the order is a pure function of
+(seed, epoch), worker shards partition the global batch whatever W, and padding stays small on Multi30k."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import MULTI30K
+
+from transformer.batching import (
+    BatchPlan,
+    PackedCorpus,
+    Position,
+    collate,
+    cut_batches,
+    fixed_batches,
+    length_order,
+    padding_fraction,
+)
+from transformer.model import BOS_ID, EOS_ID, PAD_ID
+
+
+def lengths(n=500, seed=0):
+    rng = np.random.default_rng(seed)
+    src = rng.integers(2, 40, n)
+    tgt = np.clip(src + rng.integers(-5, 6, n), 2, None)
+    return src, tgt
+
+
+def test_every_batch_respects_its_budget_counting_padding():
+    src, tgt = lengths()
+    sizes = np.maximum(src, tgt)
+    for b in cut_batches(length_order(src, tgt, np.random.default_rng(1)), sizes, 300):
+        assert len(b) * sizes[b].max() <= 300
+        assert len(b) >= 1
+
+
+def test_greedy_cut_is_maximal():
+    # Equal lengths 10 and budget 35: 3 sentences per batch (cost 30), the 4th would cost 40.
+    sizes = np.full(10, 10)
+    batches = cut_batches(np.arange(10), sizes, 35)
+    assert [len(b) for b in batches] == [3, 3, 3, 1]
+
+
+def test_too_long_sentence_is_named():
+    with pytest.raises(ValueError, match="sentence 2 has 50 tokens, more than max_tokens=40"):
+        cut_batches(np.arange(3), np.array([3, 4, 50]), 40)
+
+
+def test_epoch_covers_every_sentence_once_and_global_batches_fit_the_update_budget():
+    src, tgt = lengths()
+    plan = BatchPlan(src, tgt, update_tokens=1000, max_tokens=300, seed=3)
+    assert plan.micro_per_update == 4 and plan.micro_tokens == 250
+    batches = plan.epoch(1)
+    seen = np.concatenate([m for g in batches for m in g])
+    assert sorted(seen.tolist()) == list(range(len(src)))
+    sizes = np.maximum(src, tgt)
+    for g in batches:
+        assert 1 <= len(g) <= 4
+        assert sum(len(m) * sizes[m].max() for m in g) <= 1000
+
+
+def test_order_is_a_pure_function_of_seed_and_epoch():
+    src, tgt = lengths()
+
+    def flat(plan, epoch):
+        return [m.tolist() for g in plan.epoch(epoch) for m in g]
+
+    a, b = BatchPlan(src, tgt, 1000, 300, seed=3), BatchPlan(src, tgt, 1000, 300, seed=3)
+    assert flat(a, 2) == flat(b, 2)
+    assert flat(a, 1) != flat(a, 2)
+    assert flat(a, 1) != flat(BatchPlan(src, tgt, 1000, 300, seed=4), 1)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
+def test_shards_partition_each_global_batch_whatever_the_world_size(world_size):
+    src, tgt = lengths()
+    plan = BatchPlan(src, tgt, 1000, 300, seed=1)
+    assert plan.accumulation(world_size) == -(-4 // world_size)
+    for g in plan.epoch(1)[:5]:
+        shards = [plan.shard(g, r, world_size) for r in range(world_size)]
+        assert all(len(s) == plan.accumulation(world_size) for s in shards)
+        real = [m.tolist() for s in shards for m in s if m is not None]
+        assert sorted(real) == sorted(m.tolist() for m in g)
+
+
+def test_positions_walk_through_epochs():
+    src, tgt = lengths(50)
+    plan = BatchPlan(src, tgt, 400, 200, seed=1)
+    n = len(plan.epoch(1))
+    pos = Position()
+    for _ in range(n):
+        pos = plan.next_position(pos)
+    assert pos == Position(2, 0)
+    assert plan.target_tokens(plan.epoch(1)[0]) == sum(int(tgt[m].sum()) for m in plan.epoch(1)[0])
+
+
+def whitespace_lengths(path):
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return (np.array([len(r[k].split()) + 1 for r in rows]) for k in ("en", "de"))
+
+
+@pytest.mark.skipif(not (MULTI30K / "train.jsonl").exists(), reason="Multi30k not available")
+def test_padding_under_five_percent_on_multi30k():
+    # Whitespace tokens + eos stand in for BPE tokens (BPE lengths are longer and pad proportionally less).
+    src, tgt = whitespace_lengths(MULTI30K / "train.jsonl")
+    plan = BatchPlan(src, tgt, update_tokens=4096, max_tokens=4096, seed=1)
+    micro = [m for g in plan.epoch(1) for m in g]
+    assert padding_fraction(micro, src, tgt) <= 0.05
+    assert padding_fraction(fixed_batches(src, tgt, 4096), src, tgt) <= 0.05
+
+
+def test_padding_fraction_by_hand():
+    # One batch: src lengths 2, 4 (8 slots, 6 real); tgt 3, 3 (6 slots, 6 real): 2 pads of 14.
+    assert padding_fraction([np.array([0, 1])], [2, 4], [3, 3]) == pytest.approx(2 / 14)
+
+
+def test_collate_shifts_target_behind_bos_and_pads():
+    corpus = PackedCorpus.from_pairs([([5, 6, EOS_ID], [7, EOS_ID]), ([8, EOS_ID], [9, 10, 11, EOS_ID])])
+    b = collate(corpus, np.array([0, 1]))
+    assert b.src.tolist() == [[5, 6, EOS_ID], [8, EOS_ID, PAD_ID]]
+    assert b.tgt_out.tolist() == [[7, EOS_ID, PAD_ID, PAD_ID], [9, 10, 11, EOS_ID]]
+    assert b.tgt_in.tolist() == [[BOS_ID, 7, PAD_ID, PAD_ID], [BOS_ID, 9, 10, 11]]
+    assert b.src.dtype == torch.long
+
+
+def test_packed_corpus_round_trips_through_arrays():
+    pairs = [([5, EOS_ID], [6, 7, EOS_ID]), ([8, 9, EOS_ID], [EOS_ID])]
+    corpus = PackedCorpus.from_arrays(PackedCorpus.from_pairs(pairs).to_arrays())
+    assert len(corpus) == 2
+    assert corpus.src_lengths.tolist() == [2, 3] and corpus.tgt_lengths.tolist() == [3, 1]
+    assert [a.tolist() for a in corpus[1]] == [[8, 9, EOS_ID], [EOS_ID]]

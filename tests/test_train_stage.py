@@ -1,0 +1,223 @@
+"""The `train` stage through Ray Train, run as DVC runs it (`python -m pipeline.train ...` in a subprocess):
+2 workers equal 1 worker, a worker that crashes once is resumed from its checkpoint, a killed stage resumes when
+rerun, and the MLflow run holds params, metric histories and checkpoint artifacts. Each Ray run costs ~20 s,
+so there are only three of them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from transformer.batching import PackedCorpus
+from transformer.checkpoint import load
+from transformer.model import EOS_ID, make_config
+from transformer.training import Trainer, TrainingConfig
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 40
+MODEL = {
+    "arch": "tiny",
+    "d_model": 32,
+    "d_ff": 64,
+    "heads": 2,
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "dropout": 0.0,
+}
+TRAIN = {
+    "update_tokens": 120,
+    "max_tokens": 60,
+    "max_updates": 6,
+    "warmup": 2,
+    "checkpoint_every_minutes": None,
+    "checkpoint_every_updates": 2,
+    "keep_checkpoints": 2,
+    "validate_every_updates": 2,
+    "log_every_updates": 1,
+    "workers": 1,
+    "cpus_per_worker": 1,
+    "storage_path": "runs/ray",
+}
+
+pytestmark = pytest.mark.slow
+
+
+def pairs(n, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        src = rng.integers(4, VOCAB, rng.integers(2, 10)).tolist() + [EOS_ID]
+        out.append((src, [(t + 1) % VOCAB or 4 for t in src[:-1]] + [EOS_ID]))
+    return out
+
+
+def write_bin(folder: Path) -> None:
+    """A binarised corpus in the data stage's on-disk format (transformer.corpus)."""
+    from transformer.corpus import SideWriter, write_meta
+
+    folder.mkdir(parents=True)
+    sizes = {"train": 64, "valid": 16, "test": 8}
+    for seed, (split, n) in enumerate(sizes.items()):
+        data = pairs(n, seed)
+        for lang, side in (("en", 0), ("de", 1)):
+            writer = SideWriter(folder, split, lang, "uint16")
+            seqs = [np.array(p[side]) for p in data]
+            writer.append(np.concatenate(seqs), np.array([len(s) for s in seqs]))
+            writer.close()
+    meta = {"vocab_size": VOCAB, "dtype": "uint16", "langs": {"source": "en", "target": "de"}, "splits": sizes}
+    write_meta(folder, meta)
+
+
+def make_project(root: Path, **train) -> Path:
+    """A working directory as DVC would run the stage in: params.yaml, data/bin, an MLflow store of its own."""
+    root.mkdir(parents=True, exist_ok=True)
+    params = {"model": MODEL, "train": {**TRAIN, **train}, "mlflow": {"experiment": "test-train"}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    if not (root / "data/bin").exists():
+        write_bin(root / "data/bin")
+    client = MlflowClient(tracking_uri(root))
+    if client.get_experiment_by_name("test-train") is None:  # artifacts inside root, not in the repository
+        client.create_experiment("test-train", artifact_location=(root / "mlruns").as_uri())
+    return root
+
+
+def tracking_uri(root: Path) -> str:
+    return f"sqlite:///{root}/mlflow.db"
+
+
+def stage_env(root: Path, extra_env: dict | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": tracking_uri(root)}
+    env.pop("RAY_ADDRESS", None)
+    return {**env, **(extra_env or {})}
+
+
+def run_stage(root: Path, timeout=240, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeline.train", "--data", "data/bin", "--out", "models/checkpoints"]
+    env = stage_env(root, extra_env)
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def reference(max_updates: int, dropout: float = 0.0) -> tuple[Trainer, dict]:
+    """The same training in this process, 1 worker, no Ray, no interruption."""
+    cfg = TrainingConfig(**{k: v for k, v in {**TRAIN, "max_updates": max_updates}.items() if k in TRAINING_KEYS})
+    corpus = PackedCorpus.from_pairs(pairs(64, 0)), PackedCorpus.from_pairs(pairs(16, 1))
+    overrides = {k: v for k, v in MODEL.items() if k not in ("arch", "dropout")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a Ray worker with 1 CPU: the same reduction order
+    try:
+        trainer = Trainer(make_config("tiny", VOCAB, **overrides, dropout=dropout), cfg, *corpus)
+        trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+    return trainer, trainer.module.state_dict()
+
+
+TRAINING_KEYS = set(TrainingConfig.__dataclass_fields__) - {"start_time", "deadline"}
+
+
+def final_weights(root: Path) -> tuple[int, dict]:
+    files = sorted((root / "models/checkpoints").glob("checkpoint_*.pt"))
+    blob = load(files[-1])
+    return blob["update"], blob["model"]
+
+
+def without_key_bias(name, t):
+    # Zero-gradient key biases amplify summation-order noise through Adam (see tests/test_training.py).
+    if name.endswith("in_proj.bias"):
+        d = t.shape[0] // 3
+        return torch.cat([t[:d], t[2 * d :]])
+    return t[t.shape[0] // 2 :] if name.endswith("kv_proj.bias") else t
+
+
+def test_two_workers_with_a_crash_finish_like_one_uninterrupted_worker(tmp_path):
+    root = make_project(tmp_path / "p", workers=2, crash_at_update=3)
+    t0 = time.time()
+    proc = run_stage(root)
+    print(f"stage took {time.time() - t0:.1f} s")
+    (tmp_path / "stage.log").write_text(proc.stdout + proc.stderr)
+    assert "injected crash at update 3" in proc.stdout + proc.stderr
+    metrics = json.loads((root / "metrics/train.json").read_text())
+    assert metrics["updates"] == 6 and metrics["workers"] == 2 and metrics["skipped_updates"] == 0
+    assert metrics["resumed_from_update"] == 2  # the checkpoint before the crash, not a fresh start
+    # Outputs: the last 2 checkpoints, plots with one row per logged update / validation.
+    files = sorted(p.name for p in (root / "models/checkpoints").iterdir())
+    assert files == ["checkpoint_00000004.pt", "checkpoint_00000006.pt"]
+    train_rows = (root / "plots/train.csv").read_text().splitlines()
+    assert train_rows[0].startswith("update,loss") and [r.split(",")[0] for r in train_rows[1:]] == list("123456")
+    assert (root / "plots/valid.csv").read_text().splitlines()[0] == "update,valid_loss,valid_nll,valid_ppl"
+    # 2 workers through Ray, crashed and resumed, end where 1 uninterrupted worker ends (summation order
+    # differs between 1 and 2 workers, hence 1e-5 rather than bit equality; bit equality is tested below).
+    ref, ref_weights = reference(6)
+    update, weights = final_weights(root)
+    assert update == 6
+    for k, v in ref_weights.items():
+        torch.testing.assert_close(without_key_bias(k, weights[k]), without_key_bias(k, v), rtol=1e-5, atol=1e-5)
+    assert metrics["valid_loss"] == pytest.approx(ref.history["valid"][-1]["valid_loss"], abs=1e-5)
+    check_mlflow_run(root, updates=6, checkpoints=files)
+
+
+def check_mlflow_run(root: Path, updates: int, checkpoints: list[str]) -> None:
+    client = MlflowClient(tracking_uri(root))
+    exp = client.get_experiment_by_name("test-train")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'train'")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.update_tokens"] == "120" and run.data.params["model.d_model"] == "32"
+    assert {"torch_version", "ray_version", "git_commit", "devices"} <= set(run.data.tags)
+    # One loss point per update (logged every update); a restarted segment logs its updates again.
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
+    assert steps == list(range(1, updates + 1))
+    valid_steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "valid_loss")})
+    assert valid_steps == list(range(2, updates + 1, 2))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert artifacts == {f"checkpoints/{name}" for name in checkpoints}
+
+
+def ray_checkpoints(root: Path) -> list[Path]:
+    return sorted(root.glob("runs/ray/*/checkpoint_*/checkpoint.pt"))
+
+
+def test_killed_stage_resumes_when_rerun_and_ends_bit_exact(tmp_path):
+    # Dropout on, 1 worker: the resumed run must replay the uninterrupted run exactly.
+    model = {**MODEL, "dropout": 0.2}
+    root = make_project(tmp_path / "p", max_updates=12, checkpoint_every_updates=3, keep_checkpoints=10)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["model"] = model
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "pipeline.train", "--data", "data/bin", "--out", "models/checkpoints"]
+    log = open(root / "first.log", "w")  # noqa: SIM115 -- closed below
+    proc = subprocess.Popen(cmd, cwd=root, env=stage_env(root), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not ray_checkpoints(root) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the stage, its local Ray and its workers, at once
+    proc.wait()
+    log.close()
+    killed_at = len(ray_checkpoints(root))
+    assert killed_at >= 1, (root / "first.log").read_text()[-3000:]
+    assert not (root / "metrics/train.json").exists()
+
+    run_stage(root)
+    metrics = json.loads((root / "metrics/train.json").read_text())
+    assert metrics["updates"] == 12
+    assert metrics["resumed_from_update"] is not None and metrics["resumed_from_update"] >= 3
+    ref, ref_weights = reference_with_dropout(12, 0.2)
+    update, weights = final_weights(root)
+    assert update == 12
+    for k, v in ref_weights.items():
+        assert torch.equal(weights[k], v), k
+
+
+def reference_with_dropout(max_updates, dropout):
+    return reference(max_updates, dropout)

@@ -1,0 +1,382 @@
+"""The per-worker training loop: plain torch, testable without Ray (one process, or W processes under
+`torch.distributed`). The Ray layer (`pipeline/train.py`) only builds a `Trainer` and passes `Hooks`.
+
+One update = forward/backward over this worker's micro-batches of the global batch (`batching.BatchPlan`).
+The loss is a sum normalised by the *global* target-token count, which every rank knows from the batch plan
+without communication; DDP averages gradients over W ranks, so each rank scales its loss by W / tokens and the
+summed gradient equals the 1-worker gradient. Dropout is reseeded from (seed, rank, epoch, batch index) at
+every update, so a run resumed from a checkpoint replays exactly the masks the uninterrupted run would use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from transformer.batching import Batch, BatchPlan, Position, collate, fixed_batches
+from transformer.loss import label_smoothed_nll_loss
+from transformer.model import BOS_ID, EOS_ID, Transformer, TransformerConfig
+from transformer.schedule import make_optimizer
+
+
+class TooManyBadUpdates(RuntimeError):
+    """`max_bad_updates` consecutive updates had a non-finite loss or gradient."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    update_tokens: int = 25_000  # global batch per update, padding counted (§5.1)
+    max_tokens: int = 4096  # per forward pass on one worker
+    max_updates: int = 100_000
+    max_epochs: int | None = None
+    lr_factor: float = 1.0
+    warmup: int = 4000
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-9
+    label_smoothing: float = 0.1
+    clip_norm: float = 0.0  # 0: measure the gradient norm, clip nothing
+    seed: int = 1
+    validate_every_updates: int = 1000
+    log_every_updates: int = 100
+    checkpoint_every_updates: int | None = None
+    checkpoint_every_minutes: float | None = 10.0
+    max_bad_updates: int = 10
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere
+    compile: bool = False
+    start_time: float = field(default_factory=time.time)  # wall clock of the run's start (stage start)
+    deadline: float | None = None  # wall clock at which to stop, checkpointed
+
+
+@dataclass
+class Step:
+    """The outcome of one update, identical on every rank."""
+
+    loss: float  # label-smoothed loss per target token
+    nll: float
+    tokens: int  # target tokens of the global batch
+    grad_norm: float
+    lr: float
+    applied: bool  # False: non-finite, skipped
+    flags: tuple[bool, ...] = ()  # rank 0's clock decisions, shared: (checkpoint due, out of time)
+
+
+class Hooks:
+    """What the layer above (Ray, a test, a benchmark) plugs into the loop; every method runs on every rank."""
+
+    def on_update(self, trainer: Trainer, step: Step) -> None: ...
+
+    def on_log(self, trainer: Trainer, record: dict) -> None: ...
+
+    def on_validate(self, trainer: Trainer, record: dict) -> None: ...
+
+    def on_checkpoint(self, trainer: Trainer, state: dict | None, metrics: dict) -> None:
+        """`state` is the full training state on rank 0 and None elsewhere (every rank is called, in step)."""
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce(t: Tensor) -> Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def reseed(*key: int) -> None:
+    torch.manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1))
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"]["key"].numpy().astype(np.uint32), state["numpy"]["pos"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Trainer:
+    """Model, optimiser, schedule, batch plan and position of one worker; `fit()` runs to the end."""
+
+    def __init__(
+        self,
+        model_cfg: TransformerConfig,
+        cfg: TrainingConfig,
+        train_data,
+        valid_data=None,
+        device: torch.device | str = "cpu",
+        wrap=None,
+    ):
+        self.cfg, self.model_cfg, self.device = cfg, model_cfg, torch.device(device)
+        self.rank, self.world_size = world()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.module = Transformer(model_cfg).to(self.device)
+        self.model: nn.Module = wrap(self.module) if wrap is not None else self.module  # DDP when W > 1
+        if self.world_size > 1 and not hasattr(self.model, "no_sync"):
+            raise ValueError("with several workers the model must be wrapped in DistributedDataParallel")
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer, self.scheduler = make_optimizer(
+            self.module, model_cfg.d_model, cfg.warmup, cfg.lr_factor, cfg.adam_betas, cfg.adam_eps
+        )
+        self.train_data, self.valid_data = train_data, valid_data
+        self.plan = BatchPlan(
+            train_data.src_lengths, train_data.tgt_lengths, cfg.update_tokens, cfg.max_tokens, cfg.seed
+        )
+        self.valid_batches = (
+            fixed_batches(valid_data.src_lengths, valid_data.tgt_lengths, cfg.max_tokens) if valid_data else []
+        )
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.update, self.position, self.skipped, self.bad_in_row, self.tokens = 0, Position(), 0, 0, 0
+        self.history: dict[str, list[dict]] = {"train": [], "valid": []}
+        self._window = [0.0, 0.0, 0, 0.0, time.time()]  # loss sum, nll sum, tokens, grad norm, window start
+        self._last_checkpoint = (-1, time.time())  # (update, wall clock)
+        self._last_valid_update = -1
+        self._lr = self.scheduler.get_last_lr()[0]
+
+    # --- one update ---
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def dummy_batch(self) -> Batch:
+        one = torch.tensor([[EOS_ID]], dtype=torch.long)
+        return Batch(one, torch.tensor([[BOS_ID]], dtype=torch.long), one.clone())
+
+    def micro_step(self, indices: np.ndarray | None, scale: float, sync: bool) -> Tensor:
+        """Forward/backward of one micro-batch; a None slot runs a dummy batch with weight 0 so that every
+        rank makes the same number of DDP backward calls. Returns (loss sum, nll sum) of real tokens."""
+        batch = (collate(self.train_data, indices) if indices is not None else self.dummy_batch()).to(self.device)
+        no_sync = getattr(self.model, "no_sync", None)
+        ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+        with ctx:
+            with self.autocast():
+                logits = self.forward(batch.src, batch.tgt_in)  # (B, T, V)
+            sums = label_smoothed_nll_loss(logits, batch.tgt_out, self.cfg.label_smoothing)
+            weight = scale if indices is not None else 0.0
+            (sums.loss * weight).backward()
+        return torch.stack([sums.loss.detach(), sums.nll.detach()]) * (1.0 if indices is not None else 0.0)
+
+    def train_step(self, global_batch: list[np.ndarray], flags: tuple[bool, ...] = ()) -> Step:
+        self.model.train()
+        reseed(self.cfg.seed, self.rank, self.position.epoch, self.position.index)
+        tokens = self.plan.target_tokens(global_batch)
+        shards = self.plan.shard(global_batch, self.rank, self.world_size)
+        sums = torch.zeros(2, device=self.device)
+        for j, indices in enumerate(shards):
+            sums += self.micro_step(indices, self.world_size / tokens, sync=j == len(shards) - 1)
+        max_norm = self.cfg.clip_norm if self.cfg.clip_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm, foreach=True)
+        # Gradients are already synchronised, so the norm is the same everywhere; the loss sums are not.
+        bad = (~torch.isfinite(sums).all() | ~torch.isfinite(grad_norm)).float()
+        mine = [float(f) if self.rank == 0 else 0.0 for f in flags]
+        stats = all_reduce(torch.cat([sums.float(), bad.reshape(1), torch.tensor(mine, device=self.device)]))
+        applied = bool(stats[2] == 0)
+        lr = self.scheduler.get_last_lr()[0]
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.update, self.bad_in_row, self.tokens = self.update + 1, 0, self.tokens + tokens
+        else:
+            self.skipped, self.bad_in_row = self.skipped + 1, self.bad_in_row + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.position = self.plan.next_position(self.position)
+        if self.bad_in_row >= self.cfg.max_bad_updates:
+            raise TooManyBadUpdates(
+                f"{self.bad_in_row} consecutive updates had a non-finite loss or gradient (last at epoch "
+                f"{self.position.epoch}); lower lr_factor, raise warmup or set clip_norm"
+            )
+        s = stats.tolist()
+        return Step(s[0] / tokens, s[1] / tokens, tokens, float(grad_norm), lr, applied, tuple(f > 0 for f in s[3:]))
+
+    # --- validation ---
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Loss and perplexity on the valid split; each rank takes every W-th batch and the sums are reduced."""
+        self.module.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for indices in self.valid_batches[self.rank :: self.world_size]:
+            batch = collate(self.valid_data, indices).to(self.device)
+            with self.autocast():
+                logits = self.module(batch.src, batch.tgt_in)
+            s = label_smoothed_nll_loss(logits, batch.tgt_out, self.cfg.label_smoothing)
+            sums += torch.stack([s.loss.double(), s.nll.double(), s.tokens.double()])
+        loss, nll, tokens = all_reduce(sums).tolist()
+        self.module.train()
+        self._last_valid_update = self.update
+        tokens = max(tokens, 1.0)
+        record = {"update": self.update, "valid_loss": loss / tokens, "valid_nll": nll / tokens}
+        record["valid_ppl"] = math.exp(min(record["valid_nll"], 700.0))
+        self.history["valid"].append(record)
+        return record
+
+    # --- state ---
+
+    def state_dict(self) -> dict:
+        """Everything to continue exactly; plain containers and tensors for `torch.load(weights_only=True)`."""
+        return {
+            "model": self.module.state_dict(),
+            "config": self.model_cfg.to_dict(),
+            "update": self.update,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "position": {"epoch": self.position.epoch, "index": self.position.index},
+            "skipped": self.skipped,
+            "bad_in_row": self.bad_in_row,
+            "tokens": self.tokens,
+            "history": self.history,
+            "rng": rng_state(),
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"] != self.model_cfg.to_dict():
+            raise ValueError(f"checkpoint model config {state['config']} differs from {self.model_cfg.to_dict()}")
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.update, self.skipped, self.tokens = state["update"], state["skipped"], state["tokens"]
+        self.bad_in_row = state["bad_in_row"]
+        self.position = Position(**state["position"])
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        set_rng_state(state["rng"])
+        self._last_checkpoint = (self.update, time.time())
+        self._last_valid_update = self.history["valid"][-1]["update"] if self.history["valid"] else -1
+
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
+
+    # --- the loop ---
+
+    def clock_flags(self) -> tuple[bool, bool]:
+        """(checkpoint due by time, out of time) by this rank's clock; rank 0's decides for all."""
+        now, every = time.time(), self.cfg.checkpoint_every_minutes
+        due = every is not None and now - self._last_checkpoint[1] >= every * 60
+        return due, self.cfg.deadline is not None and now >= self.cfg.deadline
+
+    def done(self) -> str | None:
+        if self.update >= self.cfg.max_updates:
+            return "max_updates"
+        if self.cfg.max_epochs is not None and self.position.epoch > self.cfg.max_epochs:
+            return "max_epochs"
+        return None
+
+    def fit(self, hooks: Hooks | None = None) -> dict:
+        """Train until max_updates, max_epochs or the deadline; validate and checkpoint at the end too."""
+        hooks = hooks or Hooks()
+        reason = self.done()
+        while reason is None:
+            step = self.train_step(self.plan.epoch(self.position.epoch)[self.position.index], self.clock_flags())
+            self.accumulate(step)
+            hooks.on_update(self, step)
+            every = self.cfg.checkpoint_every_updates
+            if step.applied and self.update % self.cfg.log_every_updates == 0:
+                hooks.on_log(self, self.log_record())
+            if step.applied and self.valid_batches and self.update % self.cfg.validate_every_updates == 0:
+                hooks.on_validate(self, self.validate())
+            if step.applied and ((every and self.update % every == 0) or step.flags[0]):
+                self.checkpoint(hooks)
+            reason = "max_minutes" if step.flags[1] else self.done()
+        if self._window[2]:
+            hooks.on_log(self, self.log_record())
+        if self._last_valid_update != self.update and self.valid_batches:
+            hooks.on_validate(self, self.validate())
+        if self._last_checkpoint[0] != self.update:
+            self.checkpoint(hooks)
+        return self.summary(reason)
+
+    def accumulate(self, step: Step) -> None:
+        if step.applied:
+            w = self._window
+            w[0] += step.loss * step.tokens
+            w[1] += step.nll * step.tokens
+            w[2] += step.tokens
+            w[3] = step.grad_norm
+        self._lr = step.lr
+
+    def log_record(self) -> dict:
+        """The train row since the last one (token-weighted means), printed on rank 0 as the progress line."""
+        loss_sum, nll_sum, tokens, grad_norm, since = self._window
+        now = time.time()
+        tokens = max(tokens, 1)
+        rate = tokens / max(now - since, 1e-9)
+        record = {
+            "update": self.update,
+            "loss": loss_sum / tokens,
+            "nll": nll_sum / tokens,
+            "ppl": math.exp(min(nll_sum / tokens, 700.0)),
+            "lr": self._lr,
+            "tokens_per_s": rate,
+            "grad_norm": grad_norm,
+            "skipped": self.skipped,
+            "elapsed_s": now - self.cfg.start_time,
+        }
+        self.history["train"].append(record)
+        self._window = [0.0, 0.0, 0, 0.0, now]
+        if self.rank == 0:
+            print(self.progress_line(record), flush=True)
+        return record
+
+    def progress_line(self, r: dict) -> str:
+        per_update = r["tokens_per_s"] and (self.tokens / max(self.update, 1)) / r["tokens_per_s"]
+        eta = (self.cfg.max_updates - self.update) * per_update
+        if self.cfg.deadline is not None:
+            eta = min(eta, max(self.cfg.deadline - time.time(), 0.0))
+        return (
+            f"update {r['update']:>7} | loss {r['loss']:.3f} | ppl {r['ppl']:.2f} | lr {r['lr']:.3g} | "
+            f"{r['tokens_per_s']:,.0f} tok/s | gnorm {r['grad_norm']:.3g} | skipped {r['skipped']} | "
+            f"elapsed {hms(r['elapsed_s'])} | ETA {hms(eta)}"
+        )
+
+    def checkpoint(self, hooks: Hooks) -> None:
+        if not self.weights_finite():  # identical weights on every rank, so every rank raises together
+            raise RuntimeError(f"non-finite weights at update {self.update}: no checkpoint written")
+        metrics = {"update": self.update, "skipped": self.skipped, "tokens": self.tokens, **self.last_metrics()}
+        hooks.on_checkpoint(self, self.state_dict() if self.rank == 0 else None, metrics)
+        self._last_checkpoint = (self.update, time.time())
+
+    def last_metrics(self) -> dict:
+        out = {}
+        if self.history["train"]:
+            out.update({k: self.history["train"][-1][k] for k in ("loss", "nll", "ppl")})
+        if self.history["valid"]:
+            out.update({k: v for k, v in self.history["valid"][-1].items() if k != "update"})
+        return out
+
+    def summary(self, reason: str | None) -> dict:
+        return {
+            "updates": self.update,
+            "tokens": self.tokens,
+            "skipped_updates": self.skipped,
+            "epoch": self.position.epoch,
+            "stopped_by": reason,
+            **self.last_metrics(),
+        }
