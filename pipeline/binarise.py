@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.params import BinariseParams, load_params
+from pipeline.tracking import log_stage_metrics, stage_run
 from transformer.corpus import SPECIAL_IDS, UNK_ID, SideWriter, token_dtype, write_meta
 
 SPLITS = ("train", "valid", "test")
@@ -239,11 +240,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     src, tgt = params.data.source_lang, params.data.target_lang
-    try:
-        stats = binarise(args.raw, args.bpe, args.out, src, tgt, params.binarise)
-    except BinariseError as e:
-        sys.exit(f"binarise: {e}")
-    write_text_atomic(args.metrics, json.dumps(stats, indent=2) + "\n")
+    with stage_run("binarise", params, ("data", "binarise")):
+        try:
+            stats = binarise(args.raw, args.bpe, args.out, src, tgt, params.binarise)
+        except BinariseError as e:
+            sys.exit(f"binarise: {e}")
+        write_text_atomic(args.metrics, json.dumps(stats, indent=2) + "\n")
+        log_stage_metrics(stats)
     for split, s in stats.items():
         dropped = ", ".join(f"{n} {reason}" for reason, n in s["dropped"].items() if n) or "none"
         tokens = f"{s['tokens'][src]} + {s['tokens'][tgt]} tokens"

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.params import DataParams, load_params
+from pipeline.tracking import log_stage_metrics, stage_run
 
 SPLITS = ("train", "valid", "test")
 BATCH = 10_000
@@ -233,11 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    try:
-        stats = download(params.data, args.out)
-    except DownloadError as e:
-        sys.exit(f"download: {e}")
-    write_text_atomic(args.metrics, json.dumps(stats, indent=2) + "\n")
+    with stage_run("download", params, ("data",)):
+        try:
+            stats = download(params.data, args.out)
+        except DownloadError as e:
+            sys.exit(f"download: {e}")
+        write_text_atomic(args.metrics, json.dumps(stats, indent=2) + "\n")
+        log_stage_metrics(stats)
     for key in SPLITS:
         print(f"{key}: {stats[key]['pairs']} pairs kept, {stats[key]['dropped_empty']} dropped (empty side)")
 

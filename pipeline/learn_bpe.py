@@ -20,12 +20,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from pipeline.atomic import atomic_path
 from pipeline.params import BpeParams, load_params
+from pipeline.tracking import stage_run
 
 TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
@@ -127,11 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verbose", action="store_true", help="show sentencepiece's own log")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    try:
-        model = learn_bpe(args.raw, args.out, params.data.source_lang, params.data.target_lang, params.bpe,
-                          verbose=args.verbose)  # fmt: skip
-    except BpeError as e:
-        sys.exit(f"learn_bpe: {e}")
+    with stage_run("learn_bpe", params, ("data", "bpe")):
+        try:
+            model = learn_bpe(args.raw, args.out, params.data.source_lang, params.data.target_lang, params.bpe,
+                              verbose=args.verbose)  # fmt: skip
+        except BpeError as e:
+            sys.exit(f"learn_bpe: {e}")
+        mlflow.log_artifact(str(model), artifact_path="bpe")
     sp = spm.SentencePieceProcessor(model_file=str(model))
     print(f"{model}: {sp.get_piece_size()} pieces (bpe.vocab_size {params.bpe.vocab_size})")
 

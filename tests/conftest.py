@@ -12,3 +12,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 MULTI30K = SHARED / "data" / "multi30k"
 sys.path.insert(0, str(REPO))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def mlflow_tmp_store(tmp_path, monkeypatch):
+    """Stages called from tests log into a store of their own, never into the repository's mlflow.db."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

@@ -150,7 +150,7 @@ def test_crash_mid_write_keeps_the_previous_output(stages, tmp_path, monkeypatch
     assert not (tmp_path / "fresh").exists()
 
 
-def test_cli_writes_metrics(stages, tmp_path):
+def test_cli_writes_metrics(stages, tmp_path, mlflow_tmp_store):
     raw, bpe = stages
     params = tmp_path / "params.yaml"
     params.write_text("binarise:\n  max_len: 64\n  max_len_ratio: 3.0\n  workers: 1\n")

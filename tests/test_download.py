@@ -141,7 +141,7 @@ def test_a_failed_run_keeps_the_previous_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flat", "raw"]  # no temporary left behind
 
 
-def test_cli_on_the_embedded_corpus(tmp_path, monkeypatch):
+def test_cli_on_the_embedded_corpus(tmp_path, monkeypatch, mlflow_tmp_store):
     monkeypatch.chdir(REPO)  # data.dataset is relative to the repository root
     params_file = tmp_path / "params.yaml"
     params_file.write_text("data:\n  dataset: corpus/sample-en-de\n  config: null\n", encoding="utf-8")

@@ -55,7 +55,7 @@ def run_cli(raw, out, seed):
     return pieces(out / "spm.model")
 
 
-def test_same_seed_same_model(raw, tmp_path):
+def test_same_seed_same_model(raw, tmp_path, mlflow_tmp_store):
     # Sampling 500 of the 8,000 sentences makes the seed matter.
     a, b, c = (run_cli(raw, tmp_path / name, seed) for name, seed in (("a", 7), ("b", 7), ("c", 8)))
     assert a == b and a != c
@@ -75,7 +75,7 @@ def test_vocabulary_too_large_names_the_key_and_keeps_the_old_model(raw, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bpe"]  # no temporary left behind
 
 
-def test_cli_reports_missing_input(tmp_path, monkeypatch):
+def test_cli_reports_missing_input(tmp_path, monkeypatch, mlflow_tmp_store):
     params = tmp_path / "params.yaml"
     params.write_text("bpe:\n  vocab_size: 300\n")
     with pytest.raises(SystemExit, match=r"train.en: not found \(run the download stage first\)"):
