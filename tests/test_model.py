@@ -194,3 +194,14 @@ def test_embedding_scale_and_positional_table():
     assert model.pe[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-7)
     assert model.pe[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-7)
     assert torch.equal(model.embed.weight[PAD_ID], torch.zeros(cfg.d_model))
+
+
+def test_keep_scores_only_the_kept_positions(model):
+    src = _padded_batch(SRC_LENGTHS, 9, seed=9)
+    tgt = _padded_batch(TGT_LENGTHS, 8, seed=10)
+    tgt_in = torch.cat([torch.full((3, 1), BOS_ID), tgt[:, :-1]], dim=1)
+    keep = tgt.ne(PAD_ID)
+    with torch.no_grad():
+        full, kept = model(src, tgt_in), model(src, tgt_in, keep)
+    assert kept.shape == (sum(TGT_LENGTHS), V)
+    torch.testing.assert_close(kept, full[keep], atol=1e-5, rtol=0)
