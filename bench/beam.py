@@ -229,14 +229,21 @@ def report(args, n, outputs, seconds, sp) -> None:
     for name in outputs:
         print(f"| {name} | {seconds[name]:.2f} | {n / seconds[name]:.1f} | {seconds[peer] / seconds[name]:.2f}x |")
     lengths = [len(x) for x in outputs[ours]]
-    print(f"\nidentical translations, ours vs HF (same settings): {same:.1%}")
+    # At the maximum length we end with a forced eos (scored), generate() truncates: only there may they differ.
+    ended = [i for i in range(n) if max(len(outputs[ours][i]), len(outputs[peer][i])) < args.max_len]
+    same_ended = sum(outputs[ours][i] == outputs[peer][i] for i in ended) / max(len(ended), 1)
+    print(
+        f"\nidentical translations, ours vs HF (same settings): {same:.1%}; among the {len(ended)} that both "
+        f"ended before the maximum length: {same_ended:.1%}"
+    )
     print(
         f"mean output length {sum(lengths) / n:.1f} tokens; at the maximum: {sum(x >= args.max_len for x in lengths)}"
     )
     for i in range(min(3, n)):
         print(f"  e.g. {sp.decode(outputs[ours][i])!r}")
     if args.json:
-        figures = {"sentences": n, "seconds": seconds, "identical": same, "speedup": seconds[peer] / seconds[ours]}
+        figures = {"sentences": n, "seconds": seconds, "identical": same, "identical_ended": same_ended}
+        figures["speedup"] = seconds[peer] / seconds[ours]
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
