@@ -250,8 +250,9 @@ class Transformer(nn.Module):
             layers.append(LayerCache(k, v, self_kv, torch.empty_like(self_kv)))
         return DecoderState(layers, enc.src_mask)
 
-    def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
-        """tokens (R,) at position state.t; returns log-probabilities (R, V) and advances the state."""
+    def decode_step(self, tokens: Tensor, state: DecoderState, log_probs: bool = True) -> Tensor:
+        """tokens (R,) at position state.t; returns log-probabilities (R, V) in float32 and advances the state.
+        log_probs=False: the logits instead, for a search that normalises only what it keeps."""
         t = state.t
         if t >= state.layers[0].self_kv.shape[2]:
             raise ValueError(f"decode_step at position {t}: the state holds {state.layers[0].self_kv.shape[2]}")
@@ -259,7 +260,8 @@ class Transformer(nn.Module):
         for layer, cache in zip(self.decoder, state.layers, strict=True):
             y = layer.step(y, cache, t, state.src_mask, state.beam)
         state.t = t + 1
-        return F.log_softmax(self.project(y[:, 0]).float(), dim=-1)  # (R, V)
+        logits = self.project(y[:, 0]).float()  # (R, V)
+        return F.log_softmax(logits, dim=-1) if log_probs else logits
 
     @staticmethod
     def reorder_state(

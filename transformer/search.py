@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer
+from transformer.model import BOS_ID, EOS_ID, PAD_ID, DecoderState, Transformer
 
 LENGTH_PENALTIES = ("gnmt", "hf")
 STOP_RULES = ("bound", "k_finished")
@@ -61,15 +61,16 @@ def penalty_table(kind: str, alpha: float, longest: int, device: torch.device) -
     raise ValueError(f"unknown length_penalty '{kind}'; choose one of {LENGTH_PENALTIES}")
 
 
-def _mask_step(logp: Tensor, force_eos: Tensor | None) -> Tensor:
-    """Forbid pad and bos; rows where `force_eos` (R,) is True may only take eos."""
-    logp[:, PAD_ID] = -math.inf
-    logp[:, BOS_ID] = -math.inf
+def _mask_step(scores: Tensor, force_eos: Tensor | None) -> Tensor:
+    """Forbid pad and bos in scores (R, V) (logits or log-probs); rows where `force_eos` (R,) is True may only
+    take eos."""
+    scores[:, PAD_ID] = -math.inf
+    scores[:, BOS_ID] = -math.inf
     if force_eos is not None:
-        eos = logp[:, EOS_ID].clone()
-        logp.masked_fill_(force_eos[:, None], -math.inf)
-        logp[:, EOS_ID] = eos
-    return logp
+        eos = scores[:, EOS_ID].clone()
+        scores.masked_fill_(force_eos[:, None], -math.inf)
+        scores[:, EOS_ID] = eos
+    return scores
 
 
 def _force_rows(t: int, max_len: Tensor, max_len_min: int, beam: int) -> Tensor | None:
@@ -91,8 +92,8 @@ def greedy_search(model: Transformer, src: Tensor, max_len_a: float = 1.0, max_l
     history = torch.empty(N, 0, dtype=torch.long, device=device)  # (n, t)
     out: list[list[int]] = [[] for _ in range(N)]
     for t in range(max(limits) + 1):
-        logp = _mask_step(model.decode_step(tokens, state), _force_rows(t, max_len, min(limits), 1))
-        tokens = logp.argmax(dim=-1)  # (n,)
+        logits = model.decode_step(tokens, state, log_probs=False)  # the argmax needs no softmax
+        tokens = _mask_step(logits, _force_rows(t, max_len, min(limits), 1)).argmax(dim=-1)  # (n,)
         history = torch.cat([history, tokens[:, None]], dim=1)
         done = tokens.eq(EOS_ID)
         finished = done.nonzero()[:, 0].tolist()
@@ -192,14 +193,9 @@ def beam_search(
     out: list[list[Hypothesis]] = [[] for _ in range(N)]
     for t in range(T + 1):
         n = scores.shape[0]
-        logp = _mask_step(model.decode_step(tokens, state), _force_rows(t, max_len, min(limits), rows))
-        V = logp.shape[1]
-        cand = (scores[:, :, None] + logp.view(n, rows, V)).view(n, rows * V)
-        if rows * V < 2 * k:  # tiny vocabularies: fewer candidates than the beam needs
-            cand = torch.nn.functional.pad(cand, (0, 2 * k - rows * V), value=-math.inf)
-        cand_score, cand_index = cand.topk(2 * k, dim=1)  # (n, 2k), best first
-        cand_beam = (cand_index // V).clamp_(max=rows - 1)
-        cand_token = cand_index % V
+        cand_score, cand_beam, cand_token = _candidates(
+            model, tokens, state, scores, k, _force_rows(t, max_len, min(limits), rows)
+        )
         is_eos = cand_token.eq(EOS_ID) & cand_score.isfinite()
 
         # Hypotheses that end here: eos among the k best candidates.
@@ -233,6 +229,27 @@ def beam_search(
             state = model.reorder_state(state, order, beam=k, within_sentences=rows == k)
         rows, scores, tokens = k, live_score, live_token.view(-1)
     return out
+
+
+def _candidates(
+    model: Transformer, tokens: Tensor, state: DecoderState, scores: Tensor, k: int, force_eos: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The 2k best one-token extensions of each sentence's live prefixes: (score, beam, token), each (n, 2k),
+    best first; score = prefix log-prob + log P(token). Each row's own 2k best tokens hold every candidate
+    of the sentence's 2k best, so the softmax is normalised by a logsumexp and the sentence-wide top-k runs
+    over k·2k candidates instead of k·V."""
+    n, rows = scores.shape
+    logits = model.decode_step(tokens, state, log_probs=False)  # (n·rows, V)
+    log_z = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n·rows, 1), before pad/bos are masked
+    top_logit, top_token = _mask_step(logits, force_eos).topk(min(2 * k, logits.shape[1]), dim=1)
+    width = top_token.shape[1]
+    cand = (top_logit - log_z + scores.view(-1, 1)).view(n, rows * width)  # (n, rows·width)
+    if rows * width < 2 * k:  # tiny vocabularies: fewer candidates than the beam needs
+        cand = torch.nn.functional.pad(cand, (0, 2 * k - rows * width), value=-math.inf)
+    cand_score, index = cand.topk(2 * k, dim=1)  # (n, 2k)
+    index = index.clamp_(max=rows * width - 1)  # padding columns (-inf scores) point at a real one
+    cand_token = top_token.view(n, rows * width).gather(1, index)
+    return cand_score, index // width, cand_token
 
 
 def _sentence_done(

@@ -1,0 +1,251 @@
+"""Beam search speed on CPU: our `beam_search` against Hugging Face `MarianMTModel.generate`, same weights, same
+work, in the same run.
+
+    PYTHONPATH=$PWD python bench/beam.py [--sentences 500] [--model models/average.pt --spm data/bpe/spm.model]
+
+Without --model, a `multi30k`-preset model is trained briefly on Multi30k train (a joint 8k BPE model first), so
+that translations are real sentences of varied length, not a random model's loops; both are cached in
+--cache (outside the repository) so that re-runs start decoding at once. The weights go to Marian through
+`pipeline.export_marian.to_marian`, whose test shows it computes our function.
+
+Equal work: beam 4, length normalisation log P / |Y|^α ("hf" in our search, `length_penalty=α` in generate;
+|Y| counts the eos), a sentence done once 4 hypotheses have finished (`stop="k_finished"`,
+`early_stopping=True`), the same maximum output length for every sentence, pad and bos forbidden
+(`suppress_tokens`), the same batches of sentences (sorted by length), float32, the same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from pipeline.download import download
+from pipeline.export_marian import to_marian
+from pipeline.learn_bpe import learn_bpe
+from pipeline.params import BpeParams, DataParams
+from transformer.checkpoint import load_model, save_model
+from transformer.loss import label_smoothed_nll_loss
+from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer, make_config
+from transformer.schedule import make_optimizer, peak_rate
+from transformer.search import beam_search
+
+REPO = Path(__file__).resolve().parents[1]
+SRC, TGT = "en", "de"
+
+
+def prepare_data(cache: Path, multi30k: Path, vocab: int) -> tuple[Path, spm.SentencePieceProcessor]:
+    raw, bpe = cache / "raw", cache / f"bpe{vocab}"
+    if not raw.exists():
+        download(DataParams(dataset=str(multi30k), config=None), raw)
+    if not bpe.exists():
+        learn_bpe(raw, bpe, SRC, TGT, BpeParams(vocab_size=vocab))
+    return raw, spm.SentencePieceProcessor(model_file=str(bpe / "spm.model"))
+
+
+def encode(sp: spm.SentencePieceProcessor, lines: list[str]) -> list[list[int]]:
+    return [ids + [EOS_ID] for ids in sp.encode(lines)]
+
+
+def pad(seqs: list[list[int]], prefix: list[int] = ()) -> torch.Tensor:
+    out = torch.full((len(seqs), len(prefix) + max(map(len, seqs))), PAD_ID)
+    for i, s in enumerate(seqs):
+        out[i, : len(prefix) + len(s)] = torch.tensor([*prefix, *s])
+    return out
+
+
+def train(raw: Path, sp: spm.SentencePieceProcessor, updates: int, max_tokens: int, log) -> Transformer:
+    """A few hundred updates of the multi30k preset: enough for fluent-looking, varied-length output."""
+    torch.manual_seed(0)
+    src = encode(sp, (raw / f"train.{SRC}").read_text(encoding="utf-8").splitlines())
+    tgt = encode(sp, (raw / f"train.{TGT}").read_text(encoding="utf-8").splitlines())
+    order = sorted(range(len(src)), key=lambda i: (len(tgt[i]), len(src[i])))
+    batches, batch = [], []
+    for i in order:  # length-sorted batches of about max_tokens target tokens
+        if batch and (len(batch) + 1) * len(tgt[i]) > max_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    batches.append(batch)
+    model = Transformer(make_config("multi30k", sp.get_piece_size()))
+    warmup = min(400, updates // 2 + 1)  # a short run: §5.3's shape, scaled to peak at 1.5e-3
+    factor = 1.5e-3 / peak_rate(model.cfg.d_model, warmup)
+    optimizer, scheduler = make_optimizer(model, model.cfg.d_model, warmup=warmup, factor=factor)
+    model.train()
+    start = time.perf_counter()
+    for step in range(updates):
+        batch = batches[torch.randint(len(batches), ()).item()]
+        s, t = pad([src[i] for i in batch]), pad([tgt[i] for i in batch])
+        t_in = pad([tgt[i][:-1] for i in batch], prefix=[BOS_ID])
+        sums = label_smoothed_nll_loss(model(s, t_in), t)
+        optimizer.zero_grad()
+        (sums.loss / sums.tokens).backward()
+        optimizer.step()
+        scheduler.step()
+        if step % 50 == 0 or step == updates - 1:
+            ppl = torch.exp(sums.nll / sums.tokens).item()
+            log(f"  update {step + 1}/{updates}: ppl {ppl:.1f} ({time.perf_counter() - start:.0f} s)")
+    return model.eval()
+
+
+def batches_of(src: list[list[int]], size: int) -> list[tuple[list[int], torch.Tensor]]:
+    """Sentences sorted by length, `size` to a batch: (their indices, padded ids)."""
+    order = sorted(range(len(src)), key=lambda i: len(src[i]))
+    chunks = [order[i : i + size] for i in range(0, len(order), size)]
+    return [(idx, pad([src[i] for i in idx])) for idx in chunks]
+
+
+def strip(ids: list[int]) -> list[int]:
+    out = [i for i in ids if i not in (PAD_ID, BOS_ID)]
+    return out[: out.index(EOS_ID)] if EOS_ID in out else out
+
+
+def now(args) -> float:
+    return time.perf_counter() if args.clock == "wall" else time.process_time()
+
+
+def run_ours(model, batches, n, args, **options) -> tuple[list[list[int]], float]:
+    out: list[list[int]] = [[] for _ in range(n)]
+    start = now(args)
+    for idx, src in batches:
+        hyps = beam_search(
+            model, src, beam=args.beam, alpha=args.alpha, max_len_a=0.0, max_len_b=args.max_len, **options
+        )
+        for i, h in zip(idx, hyps, strict=True):
+            out[i] = h[0].tokens
+    return out, now(args) - start
+
+
+@torch.inference_mode()
+def run_hf(marian, batches, n, args) -> tuple[list[list[int]], float]:
+    out: list[list[int]] = [[] for _ in range(n)]
+    start = now(args)
+    for idx, src in batches:
+        generated = marian.generate(
+            input_ids=src,
+            attention_mask=src.ne(PAD_ID).long(),
+            num_beams=args.beam,
+            num_return_sequences=1,
+            do_sample=False,
+            length_penalty=args.alpha,
+            early_stopping=True,
+            max_new_tokens=args.max_len + 1,  # max_len tokens + eos
+            min_length=0,
+            suppress_tokens=[PAD_ID, BOS_ID],
+            no_repeat_ngram_size=0,
+            repetition_penalty=1.0,
+        )
+        for i, row in zip(idx, generated.tolist(), strict=True):
+            out[i] = strip(row)
+    return out, now(args) - start
+
+
+def get_model(args, log) -> tuple[Transformer, spm.SentencePieceProcessor]:
+    raw, sp = prepare_data(args.cache, args.multi30k, args.vocab)
+    if args.model:
+        model, _ = load_model(args.model)
+        return model, spm.SentencePieceProcessor(model_file=str(args.spm))
+    weights = args.cache / f"multi30k-bpe{args.vocab}-{args.updates}u.pt"
+    if weights.exists():
+        return load_model(weights)[0], sp
+    log(f"training the multi30k preset for {args.updates} updates (cached in {weights})")
+    model = train(raw, sp, args.updates, args.max_tokens, log)
+    save_model(weights, model)
+    return model, sp
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--multi30k", type=Path, default=REPO.parent / "shared" / "data" / "multi30k")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/transformer-bench-beam"), help="outside the repo")
+    p.add_argument("--model", type=Path, help="a model file (transformer.checkpoint.save_model); needs --spm")
+    p.add_argument("--spm", type=Path, help="the sentencepiece model that goes with --model")
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--updates", type=int, default=200)
+    p.add_argument("--max-tokens", type=int, default=1500, help="target tokens per training batch")
+    p.add_argument("--sentences", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch, both systems")
+    p.add_argument("--beam", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=0.6)
+    p.add_argument("--max-len", type=int, default=80, help="output tokens before eos, every sentence")
+    p.add_argument("--repeat", type=int, default=2, help="timed passes per system (the fastest counts)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this process's CPU seconds, steadier than wall time when other jobs share the cores",
+    )
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    args = p.parse_args(argv)
+    if args.model and not args.spm:
+        p.error("--model needs --spm")
+    if not (args.multi30k / "test.jsonl").exists():
+        p.error(f"{args.multi30k / 'test.jsonl'} not found: pass --multi30k <folder of the Multi30k jsonl files>")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    model, sp = get_model(args, log)
+    marian = to_marian(model).eval()
+    lines = [json.loads(x)[SRC] for x in (args.multi30k / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    src = encode(sp, lines[: args.sentences])
+    batches = batches_of(src, args.batch_size)
+    n = len(src)
+    runs = {
+        "ours (hf length norm, k_finished)": lambda: run_ours(
+            model, batches, n, args, length_penalty="hf", stop="k_finished"
+        ),
+        "HF MarianMTModel.generate": lambda: run_hf(marian, batches, n, args),
+        "ours, defaults (GNMT lp, bound stop)": lambda: run_ours(model, batches, n, args),
+    }
+    run_ours(model, batches[:1], n, args)  # warm-up: first-call allocations, oneDNN kernel selection
+    run_hf(marian, batches[:1], n, args)
+    outputs, seconds = {}, {name: float("inf") for name in runs}
+    for _ in range(args.repeat):  # interleaved, so load from other jobs hits both alike
+        for name, fn in runs.items():
+            outputs[name], sec = fn()
+            seconds[name] = min(seconds[name], sec)
+    report(args, n, outputs, seconds, sp)
+
+
+def report(args, n, outputs, seconds, sp) -> None:
+    ours, peer, default = list(outputs)
+    same = sum(a == b for a, b in zip(outputs[ours], outputs[peer], strict=True)) / n
+    print(
+        f"\n{n} Multi30k test sentences (En->De), beam {args.beam}, alpha {args.alpha}, batches of "
+        f"{args.batch_size}, max {args.max_len} tokens, {args.threads} threads, {args.clock} clock, "
+        f"best of {args.repeat}\n"
+    )
+    print("| system | seconds | sentences/s | vs HF |")
+    print("|---|---:|---:|---:|")
+    for name in outputs:
+        print(f"| {name} | {seconds[name]:.2f} | {n / seconds[name]:.1f} | {seconds[peer] / seconds[name]:.2f}x |")
+    lengths = [len(x) for x in outputs[ours]]
+    # At the maximum length we end with a forced eos (scored), generate() truncates: only there may they differ.
+    ended = [i for i in range(n) if max(len(outputs[ours][i]), len(outputs[peer][i])) < args.max_len]
+    same_ended = sum(outputs[ours][i] == outputs[peer][i] for i in ended) / max(len(ended), 1)
+    print(
+        f"\nidentical translations, ours vs HF (same settings): {same:.1%}; among the {len(ended)} that both "
+        f"ended before the maximum length: {same_ended:.1%}"
+    )
+    print(
+        f"mean output length {sum(lengths) / n:.1f} tokens; at the maximum: {sum(x >= args.max_len for x in lengths)}"
+    )
+    for i in range(min(3, n)):
+        print(f"  e.g. {sp.decode(outputs[ours][i])!r}")
+    if args.json:
+        figures = {"sentences": n, "seconds": seconds, "identical": same, "identical_ended": same_ended}
+        figures["speedup"] = seconds[peer] / seconds[ours]
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
