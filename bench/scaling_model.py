@@ -1,6 +1,6 @@
 """Expected data-parallel throughput, time and cost for WMT14 base/big: a model on paper, not a measurement.
 
-    python bench/scaling_model.py            # the tables in bench/README.md and docs/cluster.md
+    python bench/scaling_model.py            # the tables in bench/README.md and the README
     python bench/scaling_model.py --a100-vs-p100 4 --overlap 0.3   # any assumption can be changed
 
 Every number comes from the assumptions below (printed with the tables). The peer is the paper (Vaswani et al.
@@ -115,7 +115,7 @@ def assumptions(args) -> list[str]:
         f"big 213M = {mb['big']:.0f} MB per update.",
         f"- NCCL reaches {args.link_efficiency:.0%} of link bandwidth: NVLink A100 300 GB/s and "
         "H100 450 GB/s per direction; per node p4d 400 Gbps EFA, p5 3200 Gbps EFA, "
-        f"{args.tcp_gbps:g} Gbps TCP without EFA (cluster.yaml as shipped: see docs/cluster.md).",
+        f"{args.tcp_gbps:g} Gbps TCP without EFA (cluster.yaml as shipped: see the EFA note in the README).",
         f"- Overlap: {args.overlap:.0%} of the last backward pass ({args.backward_share:.0%} of compute) "
         f"hides the all-reduce. Compute floor {args.floor * 1e3:.0f} ms per update: at 64 GPUs each GPU "
         "sees ~390 tokens and is latency-bound, so a real 64-GPU run would use a larger batch "

@@ -107,6 +107,7 @@ class TrainParams(Section):
     workers: Literal["auto"] | PositiveInt = "auto"  # auto: every GPU in the cluster, else 1 CPU worker
     use_gpu: Literal["auto"] | bool = "auto"
     cpus_per_worker: PositiveInt = 1
+    accelerator_type: str | None = None  # pin GPU workers to one type, e.g. "H100" or "A100" (Ray's names)
     precision: Literal["auto", "float32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, float32 on CPU
     compile: bool = False
     max_bad_updates: PositiveInt = 10  # consecutive non-finite updates before the run stops

@@ -44,7 +44,7 @@ TRAIN_PLOT, VALID_PLOT = Path("plots/train.csv"), Path("plots/valid.csv")
 NOT_TRAJECTORY = {
     "max_updates", "max_epochs", "max_minutes", "checkpoint_every_minutes", "checkpoint_every_updates",
     "keep_checkpoints", "validate_every_updates", "log_every_updates", "workers", "use_gpu", "cpus_per_worker",
-    "compile", "max_bad_updates", "storage_path", "run_name", "crash_at_update", "max_failures",
+    "compile", "max_bad_updates", "storage_path", "run_name", "crash_at_update", "max_failures", "accelerator_type",
 }  # fmt: skip
 
 
@@ -89,7 +89,14 @@ def scaling(train: TrainParams) -> ray.train.ScalingConfig:
         raise RuntimeError("params.yaml: key 'train.use_gpu' is true but the Ray cluster has no GPU")
     workers = (gpus if use_gpu else 1) if train.workers == "auto" else train.workers
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
-    return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources)
+    if train.accelerator_type and not use_gpu:
+        raise RuntimeError("params.yaml: key 'train.accelerator_type' needs GPU workers (train.use_gpu)")
+    return ray.train.ScalingConfig(
+        num_workers=workers,
+        use_gpu=use_gpu,
+        resources_per_worker=resources,
+        accelerator_type=train.accelerator_type if use_gpu else None,
+    )
 
 
 def training_config(train: TrainParams, stage_start: float) -> dict:

@@ -9,7 +9,7 @@ set -euo pipefail
 
 artifacts=${1:?usage: $0 s3://BUCKET/PREFIX}
 case $artifacts in
-s3://YOUR-BUCKET/*) echo "cluster.yaml still says YOUR-BUCKET: replace it with your bucket (docs/cluster.md step 2)" >&2; exit 2 ;;
+s3://YOUR-BUCKET/*) echo "cluster.yaml still says YOUR-BUCKET: replace it with your bucket (README, "Run on a GPU cluster", step 2)" >&2; exit 2 ;;
 s3://* | gs://*) ;;
 *) echo "expected s3://BUCKET/PREFIX or gs://BUCKET/PREFIX, got '$artifacts'" >&2; exit 2 ;;
 esac

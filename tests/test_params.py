@@ -1,6 +1,7 @@
 """The typed loader: paper defaults, presets that compose, and errors that name the file and key."""
 
 import os
+import unittest.mock as mock
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,18 @@ def test_params_are_frozen():
 
 def test_tests_run_offline():
     assert os.environ.get("HF_DATASETS_OFFLINE") == "1"
+
+
+def test_accelerator_type_reaches_ray_scaling_config():
+    ray_train = pytest.importorskip("ray.train")
+    from pipeline.train import scaling
+
+    p = parse_params({"train": {"workers": 8, "use_gpu": True, "accelerator_type": "H100"}})
+    # No Ray cluster is needed: the cluster's resources are patched.
+    with mock.patch("ray.cluster_resources", return_value={"GPU": 8.0, "CPU": 96.0}):
+        cfg = scaling(p.train)
+    assert isinstance(cfg, ray_train.ScalingConfig)
+    assert (cfg.num_workers, cfg.use_gpu, cfg.accelerator_type) == (8, True, "H100")
+    no_gpu = mock.patch("ray.cluster_resources", return_value={"CPU": 2.0})
+    with no_gpu, pytest.raises(RuntimeError, match="train.use_gpu"):
+        scaling(parse_params({"train": {"use_gpu": True}}).train)
