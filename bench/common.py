@@ -37,11 +37,12 @@ def translation_batch(
     return src, tgt_in, tgt
 
 
-def median_seconds(
-    steps: dict[str, Callable[[], None]], warmup: int, repeat: int
+def step_seconds(
+    steps: dict[str, Callable[[], None]], warmup: int, repeat: int, stat: Callable = statistics.median
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Median wall time and median process CPU time of each step. The contenders alternate step by step so that
-    load from other jobs on a shared machine falls on both alike; CPU time is the steadier of the two there."""
+    """`stat` (median, or min: the least disturbed) of the wall time and process CPU time of each step.
+    The contenders alternate step by step so that load from other jobs on a shared machine falls on both alike;
+    CPU time is the steadier of the two there."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
@@ -53,5 +54,4 @@ def median_seconds(
             fn()
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
-    med = statistics.median
-    return {k: med(v) for k, v in wall.items()}, {k: med(v) for k, v in cpu.items()}
+    return {k: stat(v) for k, v in wall.items()}, {k: stat(v) for k, v in cpu.items()}

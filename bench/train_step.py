@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import median_seconds, set_threads, translation_batch  # noqa: E402
+from bench.common import set_threads, step_seconds, translation_batch  # noqa: E402
 from transformer import PAD_ID, Transformer, make_config  # noqa: E402
 from transformer.loss import label_smoothed_nll_loss  # noqa: E402
 
@@ -79,7 +80,8 @@ def bench_shape(preset: str, length: int, args) -> dict:
         "ours": our_step(model, adam(model.parameters()), batch, eps),
         "marian": marian_step(marian, adam(marian.parameters()), batch, eps),
     }
-    wall, cpu = median_seconds(steps, warmup=args.warmup, repeat=args.repeat)
+    stat = min if args.stat == "min" else statistics.median
+    wall, cpu = step_seconds(steps, warmup=args.warmup, repeat=args.repeat, stat=stat)
     target_tokens = int(batch[2].ne(PAD_ID).sum())
     return {
         "preset": preset,
@@ -91,14 +93,14 @@ def bench_shape(preset: str, length: int, args) -> dict:
     }
 
 
-def print_table(rows: list[dict]) -> None:
-    cols = list(rows[0])
-    fmt = [f"{{:>{max(len(c), 9)}}}" for c in cols]
-    print(" | ".join(f.format(c) for f, c in zip(fmt, cols, strict=True)))
-    for r in rows:
-        cells = [f"{v:.2f}x" if k.startswith("ratio") else f"{v:.0f}" if isinstance(v, float) else v
-                 for k, v in r.items()]  # fmt: skip
-        print(" | ".join(f.format(str(c)) for f, c in zip(fmt, cells, strict=True)))
+def print_row(row: dict, header: bool) -> None:
+    """One row as soon as it is measured (a full table takes minutes on a CPU)."""
+    widths = [max(len(c), 9) for c in row]
+    if header:
+        print(" | ".join(f"{c:>{w}}" for c, w in zip(row, widths, strict=True)))
+    cells = [f"{v:.2f}x" if k.startswith("ratio") else f"{v:.0f}" if isinstance(v, float) else str(v)
+             for k, v in row.items()]  # fmt: skip
+    print(" | ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)), flush=True)
 
 
 def main() -> None:
@@ -110,13 +112,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--stat", choices=["median", "min"], default="median", help="min: least disturbed by other jobs")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (not the peer)")
     args = ap.parse_args()
     set_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"float32, median of {args.repeat} steps after {args.warmup} warm-up")  # fmt: skip
-    rows = [bench_shape(p, n, args) for p in args.presets for n in args.lengths]
-    print_table(rows)
+          f"float32, {args.stat} of {args.repeat} steps after {args.warmup} warm-up", flush=True)  # fmt: skip
+    shapes = [(p, n) for p in args.presets for n in args.lengths]
+    for i, (preset, length) in enumerate(shapes):
+        print_row(bench_shape(preset, length, args), header=i == 0)
 
 
 if __name__ == "__main__":
