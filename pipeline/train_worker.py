@@ -9,10 +9,12 @@ hard death the one before it); the data position and everything else come from i
 
 from __future__ import annotations
 
+import io
 import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -80,11 +82,42 @@ def claim_crash(update: int) -> bool:
 
 
 def restored_state() -> dict | None:
+    """The newest complete training state of this run: Ray's registered checkpoint, or a newer one on disk.
+
+    A process killed hard just after persisting a checkpoint leaves it in storage before Ray's controller has
+    registered it, and Ray then hands back the one before (or none). Every rank scans the same storage, so all
+    ranks agree on the state; the data position comes from inside it.
+    """
+    state = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        return load(Path(folder) / CHECKPOINT_FILE)  # on CPU: RNG states must stay there
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load(Path(folder) / CHECKPOINT_FILE)  # on CPU: RNG states must stay there
+    newer = newest_state_in_storage(after=-1 if state is None else state["update"])
+    return newer if newer is not None else state
+
+
+def newest_state_in_storage(after: int) -> dict | None:
+    """The newest loadable `checkpoint_*/checkpoint.pt` of this run with an update count above `after`."""
+    storage = ray.train.get_context().get_storage()
+    fs = storage.storage_filesystem
+    selector = pyarrow.fs.FileSelector(storage.experiment_fs_path, allow_not_found=True)
+    folders = sorted(
+        (
+            info.path
+            for info in fs.get_file_info(selector)
+            if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
+        ),
+        reverse=True,
+    )
+    for folder in folders:  # names end in the zero-padded update count: newest first
+        try:
+            with fs.open_input_file(f"{folder}/{CHECKPOINT_FILE}") as f:
+                state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError):
+            continue  # incomplete copy: fall back to an older one
+        return state if state["update"] > after else None
+    return None
 
 
 def worker_nodes(world_size: int) -> list[str]:
