@@ -4,7 +4,8 @@
         --raw data/raw --out plots/bleu_curve.csv --png plots/bleu_curve.png
 
 Each weights-only snapshot the train stage took every `train.snapshot_every_minutes` (and at its end) decodes
-the valid split with the `decode` search settings (beam, alpha, batching: the same `Translator` as `decode`) and
+the valid split with the `decode` search settings (batching: the same `Translator` as `decode`), `curve.beam`
+and `curve.alpha` replacing beam and alpha where set (beam 1: greedy, much cheaper for many snapshots), and
 is scored with sacreBLEU against the raw references. With no snapshots (`snapshot_every_minutes: null`, the
 smoke preset) the kept checkpoints are the points, each at the stage-clock minute it was written. The x axis is
 minutes on the train stage's clock (Ray start-up included, like `train.max_minutes`); single models, never
@@ -18,6 +19,7 @@ import csv
 import io
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -27,7 +29,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.average import SPM_FILE, find_checkpoints
 from pipeline.decode import search_options
-from pipeline.params import load_params
+from pipeline.params import Params, load_params
 from pipeline.tracking import stage_run
 from pipeline.translate import SearchOptions, Translator, read_lines
 from transformer.checkpoint import load, load_model
@@ -126,6 +128,13 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     plt.close(fig)
 
 
+def curve_options(params: Params) -> SearchOptions:
+    options = search_options(params.decode)
+    beam = params.curve.beam if params.curve.beam is not None else options.beam
+    alpha = params.curve.alpha if params.curve.alpha is not None else options.alpha
+    return replace(options, beam=beam, alpha=alpha)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--snapshots", type=Path, required=True)
@@ -141,14 +150,15 @@ def main(argv: list[str] | None = None) -> None:
     refs = read_lines(args.raw / f"valid.{params.data.target_lang}")
     if len(sources) != len(refs):
         raise ValueError(f"{args.raw}: valid source and target line counts differ ({len(sources)}, {len(refs)})")
-    with stage_run("curve", params, ("data", "decode")):
+    with stage_run("curve", params, ("data", "decode", "curve")):
         points = curve_points(args.snapshots, args.checkpoints)
         sp = spm.SentencePieceProcessor(model_file=str(args.bpe / SPM_FILE))
-        options = search_options(params.decode)
+        options = curve_options(params)
         rows, signature = measure(points, sp, sources, refs, options)
         write_csv(args.out, rows)
         what = "snapshots" if rows[0]["source"] == "snapshot" else "kept checkpoints"
-        plot(args.png, rows, f"{params.preset}: valid BLEU of single {what}, beam {options.beam}\n{signature}")
+        search = "greedy" if options.beam == 1 else f"beam {options.beam}"
+        plot(args.png, rows, f"{params.preset}: valid BLEU of single {what}, {search}\n{signature}")
         for r in rows:
             mlflow.log_metrics({"valid_bleu": r["bleu"], "valid_chrf": r["chrf"], "minutes": r["minutes"]}, r["update"])
         mlflow.set_tag("bleu_signature", signature)

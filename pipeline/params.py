@@ -144,6 +144,14 @@ class DecodeParams(Section):
     max_tokens: PositiveInt = 8000  # source tokens per batch
 
 
+class CurveParams(Section):
+    """`curve`: the search for the BLEU-over-time points; None takes `decode`'s value (beam 1: greedy, several
+    times cheaper, for a curve of many snapshots that must not hold up the final score)."""
+
+    beam: PositiveInt | None = None
+    alpha: Annotated[float, Field(ge=0)] | None = None
+
+
 class ScoreParams(Section):
     """`score`: sacreBLEU (with signature) and chrF; also the paper's tokenised, compound-split BLEU."""
 
@@ -166,6 +174,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     average: AverageParams = AverageParams()
     decode: DecodeParams = DecodeParams()
+    curve: CurveParams = CurveParams()
     score: ScoreParams = ScoreParams()
     mlflow: MlflowParams = MlflowParams()
 

@@ -102,3 +102,12 @@ def test_a_broken_index_is_named(workspace):
     (folder / "index.json").write_text('[{"file": "x.pt"}]', encoding="utf-8")
     with pytest.raises(ValueError, match=r"index\.json: entry 0 lacks \['elapsed_minutes', 'minutes'"):
         run_stage(workspace)
+
+
+def test_curve_search_is_decodes_unless_curve_sets_beam_or_alpha():
+    from pipeline.params import parse_params
+
+    same = stage.curve_options(parse_params({"decode": {"beam": 5, "alpha": 1.0, "max_tokens": 300}}))
+    assert (same.beam, same.alpha, same.max_tokens) == (5, 1.0, 300)
+    greedy = stage.curve_options(parse_params({"decode": {"beam": 5, "max_tokens": 300}, "curve": {"beam": 1}}))
+    assert (greedy.beam, greedy.alpha, greedy.max_tokens) == (1, 0.6, 300)
