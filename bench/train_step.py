@@ -1,0 +1,123 @@
+"""Training-step throughput on CPU: our Transformer against Hugging Face MarianMTModel with the same weights.
+
+    PYTHONPATH=. python bench/train_step.py [--presets multi30k tiny-wu] [--lengths 16 32 64] [--tokens 4096]
+
+One step = forward, label-smoothed loss, backward, Adam update, on the same padded batch (same sentences,
+same padding) for both; float32; dropout on as in training (the preset's P_drop for both). The peer is built by
+`pipeline.export_marian.to_marian`, so both start from identical weights, and is given the idiomatic
+`F.cross_entropy(..., label_smoothing=)` (HF's own `labels=` loss has no smoothing). Steps alternate between the
+two so that other jobs on a shared machine slow both alike; warm-up steps are excluded; the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import median_seconds, set_threads, translation_batch  # noqa: E402
+from transformer import PAD_ID, Transformer, make_config  # noqa: E402
+from transformer.loss import label_smoothed_nll_loss  # noqa: E402
+
+VOCAB = {"multi30k": 8000, "tiny-wu": 10000, "tiny": 8000, "base": 37000, "big": 37000}  # STACK-FACTS' BPE sizes
+
+
+def our_step(model: Transformer, optimizer: torch.optim.Optimizer, batch, epsilon: float):
+    src, tgt_in, tgt = batch
+    keep = tgt.ne(PAD_ID)
+
+    def step() -> None:
+        # What pipeline training does: logits only where the target is a token, not padding.
+        sums = label_smoothed_nll_loss(model(src, tgt_in, keep), tgt[keep], epsilon=epsilon)
+        optimizer.zero_grad(set_to_none=True)
+        (sums.loss / sums.tokens).backward()
+        optimizer.step()
+
+    return step
+
+
+def marian_step(marian, optimizer: torch.optim.Optimizer, batch, epsilon: float):
+    src, tgt_in, tgt = batch
+    mask = src.ne(PAD_ID)
+    # torch spreads ε over all V classes, we over the V-1 others: this ε' gives the same target distribution.
+    V = marian.config.vocab_size
+    eps_torch = epsilon * V / (V - 1)
+
+    def step() -> None:
+        logits = marian(input_ids=src, attention_mask=mask, decoder_input_ids=tgt_in, use_cache=False).logits
+        loss = F.cross_entropy(logits.view(-1, V), tgt.view(-1), ignore_index=PAD_ID, label_smoothing=eps_torch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def adam(params) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+
+
+def bench_shape(preset: str, length: int, args) -> dict:
+    from pipeline.export_marian import to_marian
+
+    vocab = args.vocab or VOCAB[preset]
+    torch.manual_seed(0)
+    model = Transformer(make_config(preset, vocab, max_positions=max(1024, length)))
+    marian = to_marian(model)
+    model.train(), marian.train()
+    eps = 0.1
+    batch = translation_batch(args.tokens // length, length, vocab, seed=length)
+    if args.compile:
+        model = torch.compile(model)
+    steps = {
+        "ours": our_step(model, adam(model.parameters()), batch, eps),
+        "marian": marian_step(marian, adam(marian.parameters()), batch, eps),
+    }
+    wall, cpu = median_seconds(steps, warmup=args.warmup, repeat=args.repeat)
+    target_tokens = int(batch[2].ne(PAD_ID).sum())
+    return {
+        "preset": preset,
+        "batch": f"{batch[0].shape[0]}x{length}",
+        "target tokens": target_tokens,
+        **{f"{k} tok/s": target_tokens / v for k, v in wall.items()},
+        "ratio": wall["marian"] / wall["ours"],
+        "ratio (CPU time)": cpu["marian"] / cpu["ours"],
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = list(rows[0])
+    fmt = [f"{{:>{max(len(c), 9)}}}" for c in cols]
+    print(" | ".join(f.format(c) for f, c in zip(fmt, cols, strict=True)))
+    for r in rows:
+        cells = [f"{v:.2f}x" if k.startswith("ratio") else f"{v:.0f}" if isinstance(v, float) else v
+                 for k, v in r.items()]  # fmt: skip
+        print(" | ".join(f.format(str(c)) for f, c in zip(fmt, cells, strict=True)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="training-step tokens/s: ours vs MarianMTModel")
+    ap.add_argument("--presets", nargs="+", default=["multi30k", "tiny-wu"])
+    ap.add_argument("--lengths", nargs="+", type=int, default=[16, 32, 64], help="padded sentence lengths")
+    ap.add_argument("--tokens", type=int, default=4096, help="padded tokens per side per batch")
+    ap.add_argument("--vocab", type=int, default=None, help="override the preset's BPE vocabulary size")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--compile", action="store_true", help="torch.compile our model (not the peer)")
+    args = ap.parse_args()
+    set_threads(args.threads)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
+          f"float32, median of {args.repeat} steps after {args.warmup} warm-up")  # fmt: skip
+    rows = [bench_shape(p, n, args) for p in args.presets for n in args.lengths]
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Label-smoothed cross-entropy (§5.4) against numbers derived by hand."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformer.loss import label_smoothed_nll_loss
+
+
+def test_uniform_prediction_costs_log_v_whatever_the_smoothing():
+    # p_k = 1/4 for all k: every -log p_k = log 4, and the smoothed target's weights sum to 1.
+    logits = torch.zeros(2, 3, 4)
+    target = torch.tensor([[1, 2, 0], [3, 0, 0]])  # 0 = pad: 3 real tokens
+    sums = label_smoothed_nll_loss(logits, target, epsilon=0.1)
+    assert sums.tokens.item() == 3
+    assert sums.nll.item() == pytest.approx(3 * math.log(4), rel=1e-6)
+    assert sums.loss.item() == pytest.approx(3 * math.log(4), rel=1e-6)
+
+
+def test_known_distribution_by_hand():
+    # p = (1/2, 1/4, 1/8, 1/8), reference class 0, V = 4, ε = 0.1:
+    # nll = log 2; Σ_{k≠0} -log p_k = 2 log 2 + 3 log 2 + 3 log 2 = 8 log 2;
+    # loss = 0.9 · log 2 + (0.1 / 3) · 8 log 2 = (0.9 + 0.8/3) log 2.
+    p = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    sums = label_smoothed_nll_loss(p.log().view(1, 1, 4), torch.tensor([[0]]), epsilon=0.1, ignore_index=-1)
+    assert sums.nll.item() == pytest.approx(math.log(2), rel=1e-6)
+    assert sums.loss.item() == pytest.approx((0.9 + 0.8 / 3) * math.log(2), rel=1e-6)
+
+
+def test_minimum_is_at_the_smoothed_target():
+    # The loss is the cross-entropy with q = (1-ε) on the reference, ε/(V-1) elsewhere; d loss/d logits = p - q.
+    V, eps, y = 5, 0.1, 2
+    q = torch.full((V,), eps / (V - 1))
+    q[y] = 1 - eps
+    logits = q.log().clone().requires_grad_(True)
+    label_smoothed_nll_loss(logits.view(1, V), torch.tensor([y]), epsilon=eps, ignore_index=-1).loss.backward()
+    torch.testing.assert_close(logits.grad, torch.zeros(V), atol=1e-6, rtol=0)
+
+
+def test_no_smoothing_is_cross_entropy_and_pads_are_ignored():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 11, generator=g)
+    target = torch.randint(1, 11, (4, 6), generator=g)
+    target[1, 3:] = 0
+    sums = label_smoothed_nll_loss(logits, target, epsilon=0.0)
+    ce = F.cross_entropy(logits.view(-1, 11), target.view(-1), ignore_index=0, reduction="sum")
+    torch.testing.assert_close(sums.loss, ce)
+    torch.testing.assert_close(sums.nll, ce)
+    assert sums.tokens.item() == 4 * 6 - 3
+
+
+def test_sums_add_up_across_shards():
+    # What distributed training relies on: the loss of a batch is the sum of its halves' losses.
+    g = torch.Generator().manual_seed(1)
+    logits, target = torch.randn(6, 5, 9, generator=g), torch.randint(0, 9, (6, 5), generator=g)
+    whole = label_smoothed_nll_loss(logits, target)
+    halves = [label_smoothed_nll_loss(logits[i : i + 3], target[i : i + 3]) for i in (0, 3)]
+    for field in ("loss", "nll", "tokens"):
+        torch.testing.assert_close(getattr(whole, field), sum(getattr(h, field) for h in halves))
+
+
+def test_bf16_logits_are_scored_in_float32():
+    logits = torch.zeros(1, 2, 4, dtype=torch.bfloat16)
+    sums = label_smoothed_nll_loss(logits, torch.tensor([[1, 2]]))
+    assert sums.loss.dtype == torch.float32
+    assert sums.loss.item() == pytest.approx(2 * math.log(4), rel=1e-6)
+
+
+def _autograd_reference(logits, target, epsilon, ignore_index=0):
+    """The loss written plainly, differentiated by autograd: the hand-written gradient must agree with it."""
+    V = logits.shape[-1]
+    lprobs = F.log_softmax(logits, dim=-1).reshape(-1, V)
+    target = target.reshape(-1)
+    keep = target.ne(ignore_index)
+    nll = -lprobs.gather(1, target.unsqueeze(1)).squeeze(1)
+    loss = (1 - epsilon) * nll + epsilon / (V - 1) * (-lprobs.sum(dim=1) - nll)
+    return (loss * keep).sum(), (nll * keep).sum()
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.3])
+def test_hand_written_gradient_equals_autograd(epsilon):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 7, 13, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 13, (5, 7), generator=g)
+    target[0, 4:] = 0
+    grads = []
+    for fn in (label_smoothed_nll_loss, _autograd_reference):
+        x = logits.clone().requires_grad_(True)
+        loss, nll = fn(x, target, epsilon)[:2]
+        (2.0 * loss + 3.0 * nll).backward()  # both outputs carry gradient
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-12, rtol=1e-10)
+    assert grads[0][0, 4:].abs().max() == 0  # padded positions get no gradient
+
+
+def test_second_backward_through_one_loss_is_refused_clearly():
+    x = torch.randn(3, 5, requires_grad=True)
+    sums = label_smoothed_nll_loss(x, torch.tensor([1, 2, 3]))
+    sums.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        sums.loss.backward()
