@@ -45,13 +45,15 @@ def corpus(tmp_path_factory):
 
 def test_a_short_run_on_2000_pairs_halves_the_validation_loss(corpus):
     train, valid = corpus
-    model = make_config("tiny", VOCAB, d_model=128, d_ff=256, heads=4, encoder_layers=2, decoder_layers=2)
+    # The loss is the cross-entropy (no label smoothing, whose floor would hide how much was learnt); peak lr
+    # 0.4 * 128^-0.5 * 30^-0.5 = 6.5e-3. Measured: 6.74 at the start, 3.25 after 300 updates; 400 for margin.
+    model = make_config("tiny", VOCAB, d_model=128, d_ff=256, heads=4, encoder_layers=2, decoder_layers=2, dropout=0.1)
     cfg = TrainingConfig(
-        update_tokens=2048, max_tokens=2048, max_updates=150, warmup=40, lr_factor=1.0, label_smoothing=0.1,
-        validate_every_updates=150, log_every_updates=50, checkpoint_every_minutes=None, checkpoint_every_updates=None,
+        update_tokens=1024, max_tokens=1024, max_updates=400, warmup=30, lr_factor=0.4, label_smoothing=0.0,
+        validate_every_updates=400, log_every_updates=100, checkpoint_every_minutes=None,
     )  # fmt: skip
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # a model this small: one thread is as fast, and steadier on a shared machine
     try:
         trainer = Trainer(model, cfg, train, valid)
         before = trainer.validate()
@@ -59,5 +61,5 @@ def test_a_short_run_on_2000_pairs_halves_the_validation_loss(corpus):
     finally:
         torch.set_num_threads(threads)
     after = trainer.history["valid"][-1]
-    assert after["update"] == 150
+    assert after["update"] == 400
     assert np.isfinite(after["valid_loss"]) and after["valid_loss"] <= 0.5 * before["valid_loss"], (before, after)
