@@ -101,6 +101,9 @@ class TrainParams(Section):
     seed: int = 1
     checkpoint_every_minutes: Annotated[float, Field(gt=0)] | None = 10.0  # §6.1: every 10 minutes
     checkpoint_every_updates: PositiveInt | None = None
+    # Weights-only snapshots at every N minutes of the stage clock (and at the end) for the BLEU-over-time
+    # curve of the `curve` stage; None: none (the curve then uses the kept checkpoints).
+    snapshot_every_minutes: Annotated[float, Field(gt=0)] | None = None
     keep_checkpoints: PositiveInt = 20
     validate_every_updates: PositiveInt = 1000
     log_every_updates: PositiveInt = 100
@@ -142,6 +145,14 @@ class DecodeParams(Section):
     max_tokens: PositiveInt = 8000  # source tokens per batch
 
 
+class CurveParams(Section):
+    """`curve`: the search for the BLEU-over-time points; None takes `decode`'s value (beam 1: greedy, several
+    times cheaper, for a curve of many snapshots that must not hold up the final score)."""
+
+    beam: PositiveInt | None = None
+    alpha: Annotated[float, Field(ge=0)] | None = None
+
+
 class ScoreParams(Section):
     """`score`: sacreBLEU (with signature) and chrF; also the paper's tokenised, compound-split BLEU."""
 
@@ -164,6 +175,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     average: AverageParams = AverageParams()
     decode: DecodeParams = DecodeParams()
+    curve: CurveParams = CurveParams()
     score: ScoreParams = ScoreParams()
     mlflow: MlflowParams = MlflowParams()
 

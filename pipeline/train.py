@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.tracking import git_commit, stage_run, tracking_uri
-from pipeline.train_worker import CHECKPOINT_FILE, train_loop_per_worker
+from pipeline.train_worker import CHECKPOINT_FILE, snapshot_folder, train_loop_per_worker
 from transformer.batching import PackedCorpus
 from transformer.checkpoint import load, save_atomic
 from transformer.model import make_config
@@ -43,8 +43,9 @@ TRAIN_PLOT, VALID_PLOT = Path("plots/train.csv"), Path("plots/valid.csv")
 # Keys that do not change which weights a run produces: a rerun that differs only in these resumes.
 NOT_TRAJECTORY = {
     "max_updates", "max_epochs", "max_minutes", "checkpoint_every_minutes", "checkpoint_every_updates",
-    "keep_checkpoints", "validate_every_updates", "log_every_updates", "workers", "use_gpu", "cpus_per_worker",
-    "compile", "max_bad_updates", "storage_path", "run_name", "crash_at_update", "max_failures", "accelerator_type",
+    "snapshot_every_minutes", "keep_checkpoints", "validate_every_updates", "log_every_updates", "workers",
+    "use_gpu", "cpus_per_worker", "accelerator_type",
+    "compile", "max_bad_updates", "storage_path", "run_name", "crash_at_update", "max_failures",
 }  # fmt: skip
 
 
@@ -176,8 +177,28 @@ def write_checkpoints(states: list[dict], out: Path) -> None:
     with atomic_path(out) as tmp:
         tmp.mkdir()
         for s in states:
-            slim = {"model": s["model"], "config": s["config"], "update": s["update"], "tokens": s["tokens"]}
+            slim = {k: s[k] for k in ("model", "config", "update", "tokens")} | {"elapsed_s": s.get("elapsed_s")}
             save_atomic(slim, tmp / f"checkpoint_{s['update']:08d}.pt")
+
+
+def write_snapshots(result: ray.train.Result, stage_start: float, out: Path) -> list[dict]:
+    """Copy this stage clock's snapshots from Ray's storage into `out`, with index.json (empty when none)."""
+    import pyarrow.fs
+
+    fs, folder = result.filesystem, snapshot_folder(result.path, stage_start)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    names = sorted(i.base_name for i in infos if i.base_name.startswith("snapshot_") and i.base_name.endswith(".pt"))
+    index = []
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for name in names:
+            with fs.open_input_stream(f"{folder}/{name}") as f:
+                data = f.read()
+            (tmp / name).write_bytes(data)
+            s = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            index.append({"file": name, **{k: s[k] for k in ("minutes", "elapsed_minutes", "update", "tokens")}})
+        (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return index
 
 
 def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
@@ -207,7 +228,7 @@ def final_metrics(summary: dict, wall_time: float, workers: int) -> dict:
     }
 
 
-def write_outputs(result: ray.train.Result, out: Path, stage_start: float, workers: int) -> dict:
+def write_outputs(result: ray.train.Result, out: Path, snapshots: Path, stage_start: float, workers: int) -> dict:
     if result.return_value is None:
         raise RuntimeError(f"Ray Train run {result.path} returned nothing from rank 0 (see the log above)")
     summary, history = result.return_value["summary"], result.return_value["history"]
@@ -215,9 +236,10 @@ def write_outputs(result: ray.train.Result, out: Path, stage_start: float, worke
     if not states:
         raise RuntimeError(f"Ray Train run {result.path} kept no checkpoint")
     write_checkpoints(states, out)
+    taken = write_snapshots(result, stage_start, snapshots)
     write_csv(TRAIN_PLOT, history["train"], ("update", "loss", "nll", "ppl", "lr", "tokens_per_s", "grad_norm"))
     write_csv(VALID_PLOT, history["valid"], ("update", "valid_loss", "valid_nll", "valid_ppl"))
-    metrics = final_metrics(summary, time.time() - stage_start, workers)
+    metrics = final_metrics(summary, time.time() - stage_start, workers) | {"snapshots": len(taken)}
     write_text_atomic(METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)})
     mlflow.log_artifacts(str(out), artifact_path="checkpoints")
@@ -230,13 +252,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="binarised corpus (data/bin)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the kept checkpoints")
+    parser.add_argument("--snapshots", type=Path, default=Path("models/snapshots"), help="folder for snapshots")
     args = parser.parse_args(argv)
     params = load_params()
     init_ray(params.train)
     try:
         with stage_run("train", params, ("model", "train")) as run:
             result, workers = fit(params, args.data, run.info.run_id, stage_start)
-            metrics = write_outputs(result, args.out, stage_start, workers)
+            metrics = write_outputs(result, args.out, args.snapshots, stage_start, workers)
     finally:
         ray.shutdown()
     print(json.dumps(metrics, indent=2))

@@ -28,6 +28,7 @@ from transformer.model import TransformerConfig
 from transformer.training import Hooks, Step, Trainer, TrainingConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
+SNAPSHOT_FOLDER = "snapshots"  # in the run's storage: snapshots/<stage clock id>/snapshot_<update>.pt
 TRAIN_METRICS = ("loss", "nll", "ppl", "lr", "tokens_per_s", "grad_norm", "skipped")
 VALID_METRICS = ("valid_loss", "valid_nll", "valid_ppl")
 
@@ -68,6 +69,28 @@ class RayHooks(Hooks):
                 torch.save(state, Path(tmp) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def on_snapshot(self, trainer: Trainer, snapshot: dict | None) -> None:
+        if snapshot is not None:
+            write_snapshot(snapshot, trainer.cfg.start_time)
+
+
+def snapshot_folder(experiment_fs_path: str, start_time: float) -> str:
+    """One folder per stage clock, so the driver collects the snapshots whose minute marks its clock defines."""
+    return f"{experiment_fs_path}/{SNAPSHOT_FOLDER}/{int(start_time * 1000)}"
+
+
+def write_snapshot(snapshot: dict, start_time: float) -> None:
+    """Rank 0 writes through Ray's storage filesystem (local, NFS or s3://), then renames: never half a file."""
+    storage = ray.train.get_context().get_storage()
+    fs, folder = storage.storage_filesystem, snapshot_folder(storage.experiment_fs_path, start_time)
+    buf = io.BytesIO()
+    torch.save(snapshot, buf)
+    fs.create_dir(folder, recursive=True)
+    final = f"{folder}/snapshot_{snapshot['update']:08d}.pt"
+    with fs.open_output_stream(final + ".tmp") as f:
+        f.write(buf.getvalue())
+    fs.move(final + ".tmp", final)
 
 
 def claim_crash(update: int) -> bool:

@@ -20,7 +20,7 @@ import mlflow
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("download", "learn_bpe", "binarise", "train", "average", "decode", "score")
+STAGES = ("download", "learn_bpe", "binarise", "train", "curve", "average", "decode", "score")
 SMALL = ["-S", "preset=smoke", "-S", "train.max_updates=60", "-S", "train.checkpoint_every_updates=20"]
 SMALL += ["-S", "train.validate_every_updates=20", "-S", "train.warmup=20"]
 
@@ -89,7 +89,7 @@ def pipeline(repo, env):
     return {"first": first, "score": score, "again": again, "second": second, "runs": runs}
 
 
-def test_first_experiment_runs_all_seven_stages_and_scores(pipeline):
+def test_first_experiment_runs_every_stage_and_scores(pipeline):
     assert ran(pipeline["first"]) == list(STAGES)
     score = pipeline["score"]
     assert 0 <= score["bleu"] <= 100 and score["bleu_signature"].startswith("nrefs:1|case:mixed")
@@ -188,7 +188,7 @@ def test_metrics_plots_and_summary(pipeline, repo, env):
     assert "bleu" in run(repo, env, "dvc", "metrics", "show")
     plots = json.loads(run(repo, env, "dvc", "plots", "show", "--json"))
     shown = json.dumps(plots)
-    for name, y in (("plots/train.csv", "loss"), ("plots/valid.csv", "valid_loss")):
+    for name, y in (("plots/train.csv", "loss"), ("plots/valid.csv", "valid_loss"), ("plots/bleu_curve.csv", "bleu")):
         assert name in shown and f'"{y}"' in shown
     summary = run(repo, env, sys.executable, "-m", "pipeline.summary")
     assert f"BLEU  {pipeline['score']['bleu']:.2f}   sacreBLEU nrefs:1" in summary
@@ -196,3 +196,15 @@ def test_metrics_plots_and_summary(pipeline, repo, env):
         f"mlflow ui --backend-store-uri sqlite:///{repo}/mlflow.db --host 127.0.0.1 --port 5000 --workers 1" in summary
     )
     assert "Model training" in summary
+
+
+def test_the_smoke_curve_scores_each_kept_checkpoint_at_its_minute(pipeline, repo):
+    # No snapshots in the smoke preset: the curve uses the 3 kept checkpoints (updates 20, 40, 60).
+    assert json.loads((repo / "models" / "snapshots" / "index.json").read_text()) == []
+    rows = (repo / "plots" / "bleu_curve.csv").read_text().splitlines()
+    assert rows[0] == "minutes,elapsed_minutes,update,tokens,bleu,chrf,source"
+    points = [r.split(",") for r in rows[1:]]
+    assert [int(p[2]) for p in points] == [20, 40, 60] and {p[6] for p in points} == {"checkpoint"}
+    minutes = [float(p[0]) for p in points]
+    assert minutes == sorted(minutes) and all(0 < m < 10 for m in minutes)
+    assert (repo / "plots" / "bleu_curve.png").read_bytes()[:4] == b"\x89PNG"

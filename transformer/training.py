@@ -48,6 +48,7 @@ class TrainingConfig:
     log_every_updates: int = 100
     checkpoint_every_updates: int | None = None
     checkpoint_every_minutes: float | None = 10.0
+    snapshot_every_minutes: float | None = None  # weights-only snapshots for the BLEU-over-time curve
     max_bad_updates: int = 10
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere
     compile: bool = False
@@ -65,7 +66,7 @@ class Step:
     grad_norm: float
     lr: float
     applied: bool  # False: non-finite, skipped
-    flags: tuple[bool, ...] = ()  # rank 0's clock decisions, shared: (checkpoint due, out of time)
+    flags: tuple[bool, ...] = ()  # rank 0's clock decisions, shared: (checkpoint due, out of time, snapshot due)
 
 
 class Hooks:
@@ -79,6 +80,10 @@ class Hooks:
 
     def on_checkpoint(self, trainer: Trainer, state: dict | None, metrics: dict) -> None:
         """`state` is the full training state on rank 0 and None elsewhere (every rank is called, in step)."""
+
+    def on_snapshot(self, trainer: Trainer, snapshot: dict | None) -> None:
+        """`snapshot` (rank 0; None elsewhere): weights, config, update, tokens, `minutes` (the mark on the
+        stage clock it stands for) and `elapsed_minutes` (when it was actually taken)."""
 
 
 def world() -> tuple[int, int]:
@@ -111,6 +116,13 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", state["numpy"]["key"].numpy().astype(np.uint32), state["numpy"]["pos"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def marks_passed(elapsed_s: float, every_minutes: float | None) -> int:
+    """How many snapshot marks (every, 2 every, 3 every ... minutes on the stage clock) `elapsed_s` has reached."""
+    if every_minutes is None or elapsed_s < 0:
+        return 0
+    return int(elapsed_s // (every_minutes * 60.0))
 
 
 def hms(seconds: float) -> str:
@@ -157,6 +169,8 @@ class Trainer:
         self._window = [0.0, 0.0, 0, 0.0, time.time()]  # loss sum, nll sum, tokens, grad norm, window start
         self._last_checkpoint = (-1, time.time())  # (update, wall clock)
         self._last_valid_update = -1
+        self._snapshots = marks_passed(time.time() - cfg.start_time, cfg.snapshot_every_minutes)  # marks done
+        self._last_snapshot_update = -1
         self._lr = self.scheduler.get_last_lr()[0]
 
     # --- one update ---
@@ -259,6 +273,7 @@ class Trainer:
             "history": self.history,
             "rng": rng_state(),
             "world_size": self.world_size,
+            "elapsed_s": time.time() - self.cfg.start_time,  # on the stage clock: where the BLEU curve puts it
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -274,17 +289,20 @@ class Trainer:
         set_rng_state(state["rng"])
         self._last_checkpoint = (self.update, time.time())
         self._last_valid_update = self.history["valid"][-1]["update"] if self.history["valid"] else -1
+        # Marks missed while the workers restarted are skipped: a snapshot stands for the time it is labelled.
+        self._snapshots = marks_passed(time.time() - self.cfg.start_time, self.cfg.snapshot_every_minutes)
 
     def weights_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
 
     # --- the loop ---
 
-    def clock_flags(self) -> tuple[bool, bool]:
-        """(checkpoint due by time, out of time) by this rank's clock; rank 0's decides for all."""
+    def clock_flags(self) -> tuple[bool, bool, bool]:
+        """(checkpoint due by time, out of time, snapshot due) by this rank's clock; rank 0's decides for all."""
         now, every = time.time(), self.cfg.checkpoint_every_minutes
         due = every is not None and now - self._last_checkpoint[1] >= every * 60
-        return due, self.cfg.deadline is not None and now >= self.cfg.deadline
+        snapshot = marks_passed(now - self.cfg.start_time, self.cfg.snapshot_every_minutes) > self._snapshots
+        return due, self.cfg.deadline is not None and now >= self.cfg.deadline, snapshot
 
     def done(self) -> str | None:
         if self.update >= self.cfg.max_updates:
@@ -308,6 +326,8 @@ class Trainer:
                 hooks.on_validate(self, self.validate())
             if step.applied and ((every and self.update % every == 0) or step.flags[0]):
                 self.checkpoint(hooks)
+            if step.applied and step.flags[2]:
+                self.snapshot(hooks)
             reason = "max_minutes" if step.flags[1] else self.done()
         if self._window[2]:
             hooks.on_log(self, self.log_record())
@@ -315,6 +335,8 @@ class Trainer:
             hooks.on_validate(self, self.validate())
         if self._last_checkpoint[0] != self.update:
             self.checkpoint(hooks)
+        if self.cfg.snapshot_every_minutes is not None and self._last_snapshot_update != self.update:
+            self.snapshot(hooks, final=True)
         return self.summary(reason)
 
     def accumulate(self, step: Step) -> None:
@@ -366,6 +388,24 @@ class Trainer:
         metrics = {"update": self.update, "skipped": self.skipped, "tokens": self.tokens, **self.last_metrics()}
         hooks.on_checkpoint(self, self.state_dict() if self.rank == 0 else None, metrics)
         self._last_checkpoint = (self.update, time.time())
+
+    def snapshot(self, hooks: Hooks, final: bool = False) -> None:
+        """Weights only, labelled with the latest mark passed (or, `final`, with the time at the end)."""
+        elapsed = time.time() - self.cfg.start_time
+        every = self.cfg.snapshot_every_minutes
+        self._snapshots = max(self._snapshots + (not final), marks_passed(elapsed, every))
+        snapshot = None
+        if self.rank == 0:
+            snapshot = {
+                "model": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
+                "config": self.model_cfg.to_dict(),
+                "update": self.update,
+                "tokens": self.tokens,
+                "minutes": elapsed / 60.0 if final else self._snapshots * every,
+                "elapsed_minutes": elapsed / 60.0,
+            }
+        hooks.on_snapshot(self, snapshot)
+        self._last_snapshot_update = self.update
 
     def last_metrics(self) -> dict:
         out = {}

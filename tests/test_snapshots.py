@@ -1,0 +1,117 @@
+"""Snapshots for the BLEU-over-time curve, at the library level (no Ray): a fake stage clock that advances a fixed
+amount per update makes every mark, update and label derivable by hand."""
+
+import io
+import json
+import types
+
+import pytest
+import torch
+from test_training import model_cfg, tiny_corpus, train_cfg
+
+from transformer import training
+from transformer.checkpoint import load
+from transformer.training import Hooks, Trainer, marks_passed
+
+
+@pytest.mark.parametrize(
+    ("elapsed_s", "every", "marks"),
+    [(0.0, 1.0, 0), (59.9, 1.0, 0), (60.0, 1.0, 1), (150.0, 1.0, 2), (899.0, 5.0, 2), (900.0, 5.0, 3)],
+)
+def test_marks_passed_counts_whole_intervals_of_the_stage_clock(elapsed_s, every, marks):
+    assert marks_passed(elapsed_s, every) == marks
+
+
+def test_no_interval_or_a_clock_before_the_start_passes_no_mark():
+    assert marks_passed(10_000.0, None) == 0
+    assert marks_passed(-5.0, 1.0) == 0
+
+
+class Clock(Hooks):
+    """Stands in for `time` inside transformer.training; each update takes `per_update` seconds."""
+
+    def __init__(self, per_update: float):
+        self.now, self.per_update, self.snapshots = 0.0, per_update, []
+
+    def time(self) -> float:
+        return self.now
+
+    def on_update(self, trainer, step):
+        self.now += self.per_update
+
+    def on_snapshot(self, trainer, snapshot):
+        buf = io.BytesIO()
+        torch.save(snapshot, buf)  # what the Ray layer writes must load weights-only
+        self.snapshots.append(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+
+
+def run(monkeypatch, per_update: float, every: float | None, updates: int) -> Clock:
+    clock = Clock(per_update)
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(time=clock.time))
+    cfg = train_cfg(max_updates=updates, snapshot_every_minutes=every, start_time=0.0, validate_every_updates=100)
+    Trainer(model_cfg(), cfg, tiny_corpus()).fit(clock)
+    return clock
+
+
+def test_one_snapshot_per_mark_taken_at_the_first_update_after_it(monkeypatch):
+    # 30 s per update, a mark every minute: the flags are read before each update, so the clock shows 60 s
+    # before update 3, 120 s before update 5, ... and the snapshot follows that update.
+    clock = run(monkeypatch, per_update=30.0, every=1.0, updates=9)
+    assert [s["update"] for s in clock.snapshots] == [3, 5, 7, 9]
+    assert [s["minutes"] for s in clock.snapshots] == [1.0, 2.0, 3.0, 4.0]
+    assert [s["elapsed_minutes"] for s in clock.snapshots] == [1.5, 2.5, 3.5, 4.5]
+
+
+def test_the_end_of_training_adds_a_final_snapshot_labelled_with_its_own_time(monkeypatch):
+    clock = run(monkeypatch, per_update=30.0, every=1.0, updates=8)
+    assert [s["update"] for s in clock.snapshots] == [3, 5, 7, 8]
+    assert clock.snapshots[-1]["minutes"] == clock.snapshots[-1]["elapsed_minutes"] == 4.0
+
+
+def test_a_slow_update_skips_marks_rather_than_labelling_late_weights_early(monkeypatch):
+    # 150 s per update: before update 2 the clock shows 150 s (2 marks passed); taken at 300 s, labelled 5.
+    clock = run(monkeypatch, per_update=150.0, every=1.0, updates=3)
+    assert [(s["update"], s["minutes"]) for s in clock.snapshots] == [(2, 5.0), (3, 7.5)]
+
+
+def test_snapshots_hold_the_weights_of_their_update_and_no_optimiser(monkeypatch):
+    class Keep(Clock):
+        def on_update(self, trainer, step):
+            super().on_update(trainer, step)
+            self.weights = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+
+        def on_snapshot(self, trainer, snapshot):
+            super().on_snapshot(trainer, snapshot)
+            assert all(torch.equal(snapshot["model"][k], v) for k, v in self.weights.items())
+
+    clock = Keep(30.0)
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(time=clock.time))
+    Trainer(model_cfg(), train_cfg(max_updates=4, snapshot_every_minutes=1.0, start_time=0.0), tiny_corpus()).fit(clock)
+    assert clock.snapshots
+    assert set(clock.snapshots[0]) == {"model", "config", "update", "tokens", "minutes", "elapsed_minutes"}
+
+
+def test_no_interval_means_no_snapshot(monkeypatch):
+    assert run(monkeypatch, per_update=30.0, every=None, updates=6).snapshots == []
+
+
+@pytest.mark.slow
+def test_the_train_stage_copies_rank_0s_snapshots_from_rays_storage(tmp_path):
+    """Through Ray: snapshots written by rank 0 into the run's storage come back under models/snapshots with an
+    index whose minutes are marks of the interval, and the last one holds the final weights."""
+    from test_train_stage import make_project, run_stage
+
+    root = make_project(tmp_path / "p", max_updates=30, snapshot_every_minutes=0.002)  # a mark every 0.12 s
+    run_stage(root)
+    folder = root / "models" / "snapshots"
+    index = json.loads((folder / "index.json").read_text())
+    assert len(index) >= 2 and sorted(p.name for p in folder.glob("snapshot_*.pt")) == [e["file"] for e in index]
+    updates = [e["update"] for e in index]
+    assert updates == sorted(set(updates)) and updates[-1] == 30
+    for e in index[:-1]:  # regular marks: whole multiples of the interval, taken at or after the mark
+        assert e["minutes"] / 0.002 == pytest.approx(round(e["minutes"] / 0.002))
+        assert e["elapsed_minutes"] >= e["minutes"]
+    last = torch.load(folder / index[-1]["file"], weights_only=True)
+    final = load(sorted((root / "models" / "checkpoints").glob("checkpoint_*.pt"))[-1])
+    assert final["update"] == 30 and all(torch.equal(final["model"][k], v) for k, v in last["model"].items())
+    assert json.loads((root / "metrics" / "train.json").read_text())["snapshots"] == len(index)
