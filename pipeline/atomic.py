@@ -4,10 +4,12 @@ so a crash never leaves a half-written file or folder that a later stage (or DVC
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 
@@ -37,3 +39,12 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
 def write_text_atomic(final: Path | str, text: str) -> None:
     with atomic_path(final) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_csv_atomic(final: Path | str, rows: Iterable[Mapping], columns: Sequence[str]) -> None:
+    """A CSV of `columns` (keys beyond them ignored), e.g. a DVC plots file, written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(final, buf.getvalue())

@@ -15,8 +15,6 @@ averages, so a point says what stopping at that minute gives before averaging.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
 from dataclasses import replace
@@ -26,7 +24,7 @@ import mlflow
 import sentencepiece as spm
 from sacrebleu.metrics import BLEU, CHRF
 
-from pipeline.atomic import atomic_path, write_text_atomic
+from pipeline.atomic import atomic_path, write_csv_atomic
 from pipeline.average import SPM_FILE, find_checkpoints
 from pipeline.decode import search_options
 from pipeline.params import Params, load_params
@@ -99,12 +97,8 @@ def measure(
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({**r, "minutes": round(r["minutes"], 2), "elapsed_minutes": round(r["elapsed_minutes"], 2)})
-    write_text_atomic(path, buf.getvalue())
+    minutes = ("minutes", "elapsed_minutes")
+    write_csv_atomic(path, ({**r, **{k: round(r[k], 2) for k in minutes}} for r in rows), COLUMNS)
 
 
 def plot(path: Path, rows: list[dict], title: str) -> None:

@@ -14,7 +14,6 @@ back, whose own data position makes the resume exact. At the end the last `keep_
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import json
@@ -29,7 +28,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from pipeline.atomic import atomic_path, write_text_atomic
+from pipeline.atomic import atomic_path, write_csv_atomic, write_text_atomic
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.tracking import git_commit, stage_run, tracking_uri
 from pipeline.train_worker import CHECKPOINT_FILE, snapshot_folder, train_loop_per_worker
@@ -201,14 +200,6 @@ def write_snapshots(result: ray.train.Result, stage_start: float, out: Path) -> 
     return index
 
 
-def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
-
-
 def final_metrics(summary: dict, wall_time: float, workers: int) -> dict:
     return {
         "train_loss": summary.get("loss"),
@@ -237,8 +228,8 @@ def write_outputs(result: ray.train.Result, out: Path, snapshots: Path, stage_st
         raise RuntimeError(f"Ray Train run {result.path} kept no checkpoint")
     write_checkpoints(states, out)
     taken = write_snapshots(result, stage_start, snapshots)
-    write_csv(TRAIN_PLOT, history["train"], ("update", "loss", "nll", "ppl", "lr", "tokens_per_s", "grad_norm"))
-    write_csv(VALID_PLOT, history["valid"], ("update", "valid_loss", "valid_nll", "valid_ppl"))
+    write_csv_atomic(TRAIN_PLOT, history["train"], ("update", "loss", "nll", "ppl", "lr", "tokens_per_s", "grad_norm"))
+    write_csv_atomic(VALID_PLOT, history["valid"], ("update", "valid_loss", "valid_nll", "valid_ppl"))
     metrics = final_metrics(summary, time.time() - stage_start, workers) | {"snapshots": len(taken)}
     write_text_atomic(METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)})
