@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import platform
 import time
 from pathlib import Path
+
+# Read by Ray when it is imported. A local Ray has no dashboard (not in ray[train]), hence no state API, and
+# Ray Train's PlacementGroupCleaner then warns once a second for the whole run that it cannot query it (3,600
+# lines an hour); the placement groups of a local Ray end with the stage anyway.
+os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "Failed to query Ray Train Controller actor state")
 
 import mlflow
 import ray
@@ -70,12 +74,19 @@ def fingerprint(params: Params, data: Path) -> str:
     return h.hexdigest()[:10]
 
 
+# Ray Train's workers replace print() by one that logs through the root logger *and* prints when stdout is
+# wrapped, which put every progress line twice into the driver's log; the plain print reaches it once.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def init_ray(train: TrainParams) -> None:
     """Join the cluster at RAY_ADDRESS (shipping our code to its nodes), else start a small local one."""
     if os.environ.get("RAY_ADDRESS"):
         repo = Path(__file__).resolve().parents[1]
-        ray.init(runtime_env={"py_modules": [str(repo / "transformer"), str(repo / "pipeline")]})
+        code = [str(repo / "transformer"), str(repo / "pipeline")]
+        ray.init(runtime_env={"py_modules": code, "env_vars": WORKER_ENV})
         return
+    os.environ.update(WORKER_ENV)  # a local Ray's processes inherit the driver's environment
     workers = 1 if train.workers == "auto" else train.workers
     gpus = torch.cuda.device_count()
     ray.init(num_cpus=workers * train.cpus_per_worker, num_gpus=gpus, include_dashboard=False)
@@ -192,9 +203,8 @@ def write_snapshots(result: ray.train.Result, stage_start: float, out: Path) -> 
         tmp.mkdir()
         for name in names:
             with fs.open_input_stream(f"{folder}/{name}") as f:
-                data = f.read()
-            (tmp / name).write_bytes(data)
-            s = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                (tmp / name).write_bytes(f.read())
+            s = load(tmp / name)
             index.append({"file": name, **{k: s[k] for k in ("minutes", "elapsed_minutes", "update", "tokens")}})
         (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return index

@@ -136,9 +136,9 @@ def newest_state_in_storage(after: int) -> dict | None:
     for folder in folders:  # names end in the zero-padded update count: newest first
         try:
             with fs.open_input_file(f"{folder}/{CHECKPOINT_FILE}") as f:
-                state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError):
-            continue  # incomplete copy: fall back to an older one
+                state = load(io.BytesIO(f.read()))
+        except (OSError, ValueError):
+            continue  # missing or incomplete copy: fall back to an older one
         return state if state["update"] > after else None
     return None
 
