@@ -94,6 +94,9 @@ class TrainParams(Section):
     max_minutes: Annotated[float, Field(gt=0)] | None = None  # wall-clock budget, Ray start-up included
     lr_factor: Annotated[float, Field(gt=0)] = 1.0
     warmup: PositiveInt = 4000
+    # Share of the budget (max_minutes if set, else max_updates; whichever is nearer its end) over which the
+    # lr decays linearly to 0 at the end of the run; 0: the paper's schedule to the last update.
+    cooldown: Annotated[float, Field(ge=0, le=1)] = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: Annotated[float, Field(gt=0)] = 1e-9
     label_smoothing: Probability = 0.1

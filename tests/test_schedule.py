@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from transformer.schedule import make_optimizer, peak_rate, rate
+from transformer.schedule import cooldown, make_optimizer, peak_rate, rate
 
 D, WARMUP = 512, 4000
 
@@ -39,3 +39,20 @@ def test_optimizer_is_adam_with_the_papers_settings_and_per_update_schedule():
         model(torch.ones(1, 3)).sum().backward()
         optimizer.step()
         scheduler.step()
+
+
+def test_cooldown_multiplier_is_one_then_linear_to_zero():
+    assert cooldown(0.0, 0.3) == 1.0 and cooldown(0.7, 0.3) == pytest.approx(1.0)
+    assert cooldown(0.85, 0.3) == pytest.approx(0.5)  # halfway through the last 30%
+    assert cooldown(1.0, 0.3) == 0.0 and cooldown(1.2, 0.3) == 0.0  # never negative past the budget
+    assert cooldown(0.99, 0.0) == 1.0  # fraction 0: the paper's schedule
+
+
+def test_optimizer_reads_progress_at_each_scheduler_step():
+    model = torch.nn.Linear(3, 2)
+    spent = [0.0]
+    optimizer, scheduler = make_optimizer(model, D, WARMUP, cooldown_fraction=0.5, progress=lambda: spent[0])
+    spent[0] = 0.75
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(rate(2, D, WARMUP) * 0.5)

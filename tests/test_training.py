@@ -3,6 +3,7 @@ and counted, and the state loads with `torch.load(weights_only=True)`."""
 
 import io
 import math
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from transformer.batching import PackedCorpus
 from transformer.model import EOS_ID, make_config
+from transformer.schedule import rate
 from transformer.training import Hooks, TooManyBadUpdates, Trainer, TrainingConfig
 
 VOCAB = 40
@@ -107,8 +109,9 @@ def without_key_bias(name, t):
 
 
 def test_resume_from_a_checkpoint_is_bit_exact():
-    # Dropout on: exactness needs the reseeding by data position, not only the saved RNG state.
-    cfg = train_cfg(max_updates=6, checkpoint_every_updates=3)
+    # Dropout on: exactness needs the reseeding by data position, not only the saved RNG state; the cool-down
+    # needs the lr of the first resumed update, which the optimizer state carries.
+    cfg = train_cfg(max_updates=6, checkpoint_every_updates=3, cooldown=0.5)
     straight = Trainer(model_cfg(0.3), cfg, tiny_corpus(), tiny_corpus(16, 1))
     hooks = Record()
     straight.fit(hooks)
@@ -192,3 +195,33 @@ def test_deadline_stops_and_checkpoints():
     summary = Trainer(model_cfg(), cfg, tiny_corpus(), None).fit(hooks)
     assert summary["updates"] == 1 and summary["stopped_by"] == "max_minutes"
     assert [c["update"] for c in hooks.checkpoints] == [1]
+
+
+class Rates(Hooks):
+    def __init__(self):
+        self.lrs = []
+
+    def on_update(self, trainer, step):
+        self.lrs.append(step.lr)
+
+
+def test_cooldown_takes_the_lr_linearly_to_zero_over_the_last_updates():
+    hooks = Rates()
+    Trainer(model_cfg(), train_cfg(max_updates=8, cooldown=0.5), tiny_corpus(), None).fit(hooks)
+    # Update n runs at rate(n) times (1 - (n - 1) / 8) / 0.5, capped at 1: full for n <= 5, then 3/4, 1/2, 1/4.
+    multiplier = [1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    expected = [rate(n, 32, 2) * m for n, m in zip(range(1, 9), multiplier, strict=True)]
+    assert hooks.lrs == pytest.approx(expected, rel=1e-12)
+
+
+def test_cooldown_follows_the_wall_clock_budget():
+    # Half of a 200-second budget spent before the first update: with cool-down 1 the lr is about half the
+    # paper's; the update budget (3 of 1,000 updates) plays no part.
+    now = time.time()
+    cfg = train_cfg(max_updates=1000, cooldown=1.0, start_time=now - 100, deadline=now + 100)
+    hooks = Rates()
+    trainer = Trainer(model_cfg(), cfg, tiny_corpus(), None)
+    for _ in range(3):
+        hooks.on_update(trainer, trainer.train_step(trainer.plan.epoch(0)[trainer.position.index]))
+    for n, lr in zip((2, 3), hooks.lrs[1:], strict=True):
+        assert 0.45 * rate(n, 32, 2) < lr <= 0.5 * rate(n, 32, 2)

@@ -39,6 +39,7 @@ class TrainingConfig:
     max_epochs: int | None = None
     lr_factor: float = 1.0
     warmup: int = 4000
+    cooldown: float = 0.0  # share of the budget (max_updates or the deadline) over which lr decays to 0
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-9
     label_smoothing: float = 0.1
@@ -152,9 +153,11 @@ class Trainer:
         if self.world_size > 1 and not hasattr(self.model, "no_sync"):
             raise ValueError("with several workers the model must be wrapped in DistributedDataParallel")
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self._progress = 0.0  # share of the budget spent, the same on every rank (train_step)
         self.optimizer, self.scheduler = make_optimizer(
-            self.module, model_cfg.d_model, cfg.warmup, cfg.lr_factor, cfg.adam_betas, cfg.adam_eps
-        )
+            self.module, model_cfg.d_model, cfg.warmup, cfg.lr_factor, cfg.adam_betas, cfg.adam_eps,
+            cfg.cooldown, lambda: self._progress,
+        )  # fmt: skip
         self.train_data, self.valid_data = train_data, valid_data
         self.plan = BatchPlan(
             train_data.src_lengths, train_data.tgt_lengths, cfg.update_tokens, cfg.max_tokens, cfg.seed
@@ -213,14 +216,17 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm, foreach=True)
         # Gradients are already synchronised, so the norm is the same everywhere; the loss sums are not.
         bad = (~torch.isfinite(sums).all() | ~torch.isfinite(grad_norm)).float()
-        mine = [float(f) if self.rank == 0 else 0.0 for f in flags]
+        # Rank 0's clock decides for all: its flags and the share of the time budget it has spent.
+        mine = [float(f) if self.rank == 0 else 0.0 for f in (*flags, self.clock_progress())]
         stats = all_reduce(torch.cat([sums.float(), bad.reshape(1), torch.tensor(mine, device=self.device)]))
-        applied = bool(stats[2] == 0)
+        s = stats.tolist()
+        applied = s[2] == 0
         lr = self.scheduler.get_last_lr()[0]
         if applied:
             self.optimizer.step()
-            self.scheduler.step()
             self.update, self.bad_in_row, self.tokens = self.update + 1, 0, self.tokens + tokens
+            self._progress = max(self.update / self.cfg.max_updates, s[-1])
+            self.scheduler.step()
         else:
             self.skipped, self.bad_in_row = self.skipped + 1, self.bad_in_row + 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -230,8 +236,7 @@ class Trainer:
                 f"{self.bad_in_row} consecutive updates had a non-finite loss or gradient (last at epoch "
                 f"{self.position.epoch}); lower lr_factor, raise warmup or set clip_norm"
             )
-        s = stats.tolist()
-        return Step(s[0] / tokens, s[1] / tokens, tokens, float(grad_norm), lr, applied, tuple(f > 0 for f in s[3:]))
+        return Step(s[0] / tokens, s[1] / tokens, tokens, float(grad_norm), lr, applied, tuple(f > 0 for f in s[3:-1]))
 
     # --- validation ---
 
@@ -303,6 +308,13 @@ class Trainer:
         due = every is not None and now - self._last_checkpoint[1] >= every * 60
         snapshot = marks_passed(now - self.cfg.start_time, self.cfg.snapshot_every_minutes) > self._snapshots
         return due, self.cfg.deadline is not None and now >= self.cfg.deadline, snapshot
+
+    def clock_progress(self) -> float:
+        """The share of the wall-clock budget spent by this rank's clock (0 without a deadline)."""
+        if self.cfg.deadline is None:
+            return 0.0
+        span = self.cfg.deadline - self.cfg.start_time
+        return min(1.0, (time.time() - self.cfg.start_time) / span) if span > 0 else 1.0
 
     def done(self) -> str | None:
         if self.update >= self.cfg.max_updates:
