@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from transformer import BOS_ID, EOS_ID, PAD_ID
+from transformer import BOS_ID, EOS_ID, PAD_ID, TransformerConfig
 
 
 def set_threads(n: int) -> None:
@@ -55,3 +55,44 @@ def step_seconds(
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
     return {k: stat(v) for k, v in wall.items()}, {k: stat(v) for k, v in cpu.items()}
+
+
+def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, repeat: int = 10) -> float:
+    """Measured dense square-matmul FLOP/s (best of `repeat`): the denominator of a utilisation, what this
+    device does on the friendliest workload with the current thread setting (not a datasheet figure)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def forward_flops(cfg: TransformerConfig, src_len: int, tgt_len: int) -> int:
+    """Forward model FLOPs of one sentence pair of these real (non-pad) lengths:
+    matmuls: 2 FLOPs per weight per token for the weights each token passes through (encoder layers for source
+             tokens; decoder layers and the output projection for target tokens; cross-attention K/V
+             projections for source tokens once per decoder layer); embedding lookups are free;
+    attention: QKᵀ and AV, 2·2·T_q·T_k·d_model per layer, halved for causal self-attention."""
+    d, f, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    enc_layer = 2 * src_len * (4 * d * d + 2 * d * f) + 4 * src_len * src_len * d
+    dec_layer = (
+        2 * tgt_len * (4 * d * d + 2 * d * d + 2 * d * f)  # self-attention Q,K,V,O; cross Q,O; FFN
+        + 2 * src_len * 2 * d * d  # cross-attention K,V over the encoder output
+        + 2 * tgt_len * tgt_len * d  # causal self-attention: half of 4·T²·d
+        + 4 * tgt_len * src_len * d  # cross-attention
+    )
+    return cfg.encoder_layers * enc_layer + cfg.decoder_layers * dec_layer + 2 * tgt_len * d * V
+
+
+def batch_flops(cfg: TransformerConfig, src: torch.Tensor, tgt: torch.Tensor) -> int:
+    """Training FLOPs of one step on this padded batch: 3 × forward (backward costs two), real lengths only."""
+    src_lens, tgt_lens = src.ne(PAD_ID).sum(1).tolist(), tgt.ne(PAD_ID).sum(1).tolist()
+    return 3 * sum(forward_flops(cfg, s, t) for s, t in zip(src_lens, tgt_lens, strict=True))

@@ -4,13 +4,8 @@
 
 MFU = model FLOPs of the measured steps / (wall time · measured bf16 matmul peak). The peak is measured here
 (a large bf16 matmul), not taken from a datasheet, so the ratio says how close the model gets to what this GPU
-does on the friendliest workload. Model FLOPs count only real tokens (padding is waste, not work):
-    matmuls: 2 FLOPs per weight per token, forward, for the weights each token passes through (encoder layers for
-             source tokens; decoder layers and the output projection for target tokens; cross-attention K/V
-             projections for source tokens once per decoder layer); embedding lookups are free;
-    attention: QKᵀ and AV, 2·2·T_q·T_k·d_model per layer, halved for causal self-attention;
-    training = 3 × forward (backward costs two forward passes).
-This is the "6 × parameters × tokens + attention" rule made exact for an encoder-decoder.
+does on the friendliest workload. Model FLOPs count only real tokens (padding is waste, not work): the
+"6 × parameters × tokens + attention" rule made exact for an encoder-decoder (`bench.common.forward_flops`).
 """
 
 from __future__ import annotations
@@ -24,43 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import translation_batch  # noqa: E402
-from transformer import PAD_ID, Transformer, TransformerConfig, make_config  # noqa: E402
+from bench.common import batch_flops, matmul_peak_flops, translation_batch  # noqa: E402
+from transformer import PAD_ID, Transformer, make_config  # noqa: E402
 from transformer.loss import label_smoothed_nll_loss  # noqa: E402
 from transformer.schedule import make_optimizer  # noqa: E402
-
-
-def matmul_peak_flops(n: int = 8192, repeat: int = 20) -> float:
-    """Measured bf16 dense matmul FLOP/s: the denominator of MFU."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * repeat / (time.perf_counter() - t0)
-
-
-def forward_flops(cfg: TransformerConfig, src_len: int, tgt_len: int) -> int:
-    """Forward FLOPs of one sentence pair of these real lengths (see the module docstring)."""
-    d, f, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
-    enc_layer = 2 * src_len * (4 * d * d + 2 * d * f) + 4 * src_len * src_len * d
-    dec_layer = (
-        2 * tgt_len * (4 * d * d + 2 * d * d + 2 * d * f)  # self-attention Q,K,V,O; cross Q,O; FFN
-        + 2 * src_len * 2 * d * d  # cross-attention K,V over the encoder output
-        + 2 * tgt_len * tgt_len * d  # causal self-attention: half of 4·T²·d
-        + 4 * tgt_len * src_len * d  # cross-attention
-    )
-    return cfg.encoder_layers * enc_layer + cfg.decoder_layers * dec_layer + 2 * tgt_len * d * V
-
-
-def batch_flops(cfg: TransformerConfig, src: torch.Tensor, tgt: torch.Tensor) -> int:
-    """Training FLOPs of one step on this padded batch: 3 × forward, real lengths only."""
-    src_lens, tgt_lens = src.ne(PAD_ID).sum(1).tolist(), tgt.ne(PAD_ID).sum(1).tolist()
-    return 3 * sum(forward_flops(cfg, s, t) for s, t in zip(src_lens, tgt_lens, strict=True))
 
 
 def bench_preset(preset: str, args, peak: float) -> dict:
@@ -115,7 +77,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_mfu.py needs a CUDA GPU and torch.cuda.is_available() is False: nothing measured.")
     torch.backends.cuda.matmul.allow_tf32 = True
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops("cuda", torch.bfloat16, n=8192, repeat=20)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, measured bf16 matmul peak "
           f"{peak / 1e12:.0f} TFLOP/s; bf16 autocast, {args.repeat} steps after {args.warmup} warm-up")  # fmt: skip
     rows = [bench_preset(p, args, peak) for p in args.presets]

@@ -7,6 +7,10 @@ same padding) for both; float32; dropout on as in training (the preset's P_drop 
 `pipeline.export_marian.to_marian`, so both start from identical weights, and is given the idiomatic
 `F.cross_entropy(..., label_smoothing=)` (HF's own `labels=` loss has no smoothing). Steps alternate between the
 two so that other jobs on a shared machine slow both alike; warm-up steps are excluded; the median is reported.
+
+Each row also gives the share of this CPU's measured float32 matmul peak (a 2048² matmul, same threads) that each
+step reaches in model FLOPs (`bench.common.batch_flops`: real tokens only, the same count for both). It bounds
+the ratio: ours can beat the peer by at most (peak share 100%) / (the peer's share).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import set_threads, step_seconds, translation_batch  # noqa: E402
+from bench.common import batch_flops, matmul_peak_flops, set_threads, step_seconds, translation_batch  # noqa: E402
 from transformer import PAD_ID, Transformer, make_config  # noqa: E402
 from transformer.loss import label_smoothed_nll_loss  # noqa: E402
 
@@ -64,12 +68,13 @@ def adam(params) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
 
 
-def bench_shape(preset: str, length: int, args) -> dict:
+def bench_shape(preset: str, length: int, args, peak: float) -> dict:
     from pipeline.export_marian import to_marian
 
     vocab = args.vocab or VOCAB[preset]
     torch.manual_seed(0)
-    model = Transformer(make_config(preset, vocab, max_positions=max(1024, length)))
+    cfg = make_config(preset, vocab, max_positions=max(1024, length))
+    model = Transformer(cfg)
     marian = to_marian(model)
     model.train(), marian.train()
     eps = 0.1
@@ -83,6 +88,7 @@ def bench_shape(preset: str, length: int, args) -> dict:
     stat = min if args.stat == "min" else statistics.median
     wall, cpu = step_seconds(steps, warmup=args.warmup, repeat=args.repeat, stat=stat)
     target_tokens = int(batch[2].ne(PAD_ID).sum())
+    flops = batch_flops(cfg, batch[0], batch[2])
     return {
         "preset": preset,
         "batch": f"{batch[0].shape[0]}x{length}",
@@ -90,6 +96,9 @@ def bench_shape(preset: str, length: int, args) -> dict:
         **{f"{k} tok/s": target_tokens / v for k, v in wall.items()},
         "ratio": wall["marian"] / wall["ours"],
         "ratio (CPU time)": cpu["marian"] / cpu["ours"],
+        "ours GFLOP/s": flops / wall["ours"] / 1e9,
+        "ours % peak": 100 * flops / wall["ours"] / peak,
+        "marian % peak": 100 * flops / wall["marian"] / peak,
     }
 
 
@@ -98,8 +107,8 @@ def print_row(row: dict, header: bool) -> None:
     widths = [max(len(c), 9) for c in row]
     if header:
         print(" | ".join(f"{c:>{w}}" for c, w in zip(row, widths, strict=True)))
-    cells = [f"{v:.2f}x" if k.startswith("ratio") else f"{v:.0f}" if isinstance(v, float) else str(v)
-             for k, v in row.items()]  # fmt: skip
+    cells = [f"{v:.2f}x" if k.startswith("ratio") else f"{v:.1f}%" if k.endswith("% peak")
+             else f"{v:.0f}" if isinstance(v, float) else str(v) for k, v in row.items()]  # fmt: skip
     print(" | ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)), flush=True)
 
 
@@ -116,11 +125,13 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (not the peer)")
     args = ap.parse_args()
     set_threads(args.threads)
+    peak = matmul_peak_flops("cpu", torch.float32)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"float32, {args.stat} of {args.repeat} steps after {args.warmup} warm-up", flush=True)  # fmt: skip
+          f"float32, {args.stat} of {args.repeat} steps after {args.warmup} warm-up; measured float32 matmul "
+          f"peak {peak / 1e9:.0f} GFLOP/s", flush=True)  # fmt: skip
     shapes = [(p, n) for p in args.presets for n in args.lengths]
     for i, (preset, length) in enumerate(shapes):
-        print_row(bench_shape(preset, length, args), header=i == 0)
+        print_row(bench_shape(preset, length, args, peak), header=i == 0)
 
 
 if __name__ == "__main__":
