@@ -57,7 +57,9 @@ def step_seconds(
     return {k: stat(v) for k, v in wall.items()}, {k: stat(v) for k, v in cpu.items()}
 
 
-def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, repeat: int = 10) -> float:
+def matmul_peak_flops(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, repeat: int = 10
+) -> float:
     """Measured dense square-matmul FLOP/s (best of `repeat`): the denominator of a utilisation, what this
     device does on the friendliest workload with the current thread setting (not a datasheet figure)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
