@@ -49,7 +49,10 @@ def train_cfg(**kw):
 
 class Record(Hooks):
     def __init__(self):
-        self.logs, self.valid, self.checkpoints = [], [], []
+        self.logs, self.valid, self.checkpoints, self.lrs = [], [], [], []
+
+    def on_update(self, trainer, step):
+        self.lrs.append(step.lr)
 
     def on_log(self, trainer, record):
         self.logs.append(record)
@@ -197,16 +200,8 @@ def test_deadline_stops_and_checkpoints():
     assert [c["update"] for c in hooks.checkpoints] == [1]
 
 
-class Rates(Hooks):
-    def __init__(self):
-        self.lrs = []
-
-    def on_update(self, trainer, step):
-        self.lrs.append(step.lr)
-
-
 def test_cooldown_takes_the_lr_linearly_to_zero_over_the_last_updates():
-    hooks = Rates()
+    hooks = Record()
     Trainer(model_cfg(), train_cfg(max_updates=8, cooldown=0.5), tiny_corpus(), None).fit(hooks)
     # Update n runs at rate(n) times (1 - (n - 1) / 8) / 0.5, capped at 1: full for n <= 5, then 3/4, 1/2, 1/4.
     multiplier = [1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
@@ -219,7 +214,7 @@ def test_cooldown_follows_the_wall_clock_budget():
     # paper's; the update budget (3 of 1,000 updates) plays no part.
     now = time.time()
     cfg = train_cfg(max_updates=1000, cooldown=1.0, start_time=now - 100, deadline=now + 100)
-    hooks = Rates()
+    hooks = Record()
     trainer = Trainer(model_cfg(), cfg, tiny_corpus(), None)
     for _ in range(3):
         hooks.on_update(trainer, trainer.train_step(trainer.plan.epoch(0)[trainer.position.index]))

@@ -307,7 +307,7 @@ class Trainer:
         now, every = time.time(), self.cfg.checkpoint_every_minutes
         due = every is not None and now - self._last_checkpoint[1] >= every * 60
         snapshot = marks_passed(now - self.cfg.start_time, self.cfg.snapshot_every_minutes) > self._snapshots
-        return due, self.cfg.deadline is not None and now >= self.cfg.deadline, snapshot
+        return due, self.clock_progress() >= 1.0, snapshot
 
     def clock_progress(self) -> float:
         """The share of the wall-clock budget spent by this rank's clock (0 without a deadline)."""
