@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer.dropout import Dropout
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
@@ -122,11 +124,11 @@ class EncoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.heads, self_attention=True)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff)
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, src_mask: Tensor | None) -> Tensor:
-        x = self.norm1(x + self.dropout(self.self_attn(x, src_mask)))
-        return self.norm2(x + self.dropout(self.ffn(x)))  # (B, S, d_model)
+        x = self.norm1(self.dropout.residual(x, self.self_attn(x, src_mask)))
+        return self.norm2(self.dropout.residual(x, self.ffn(x)))  # (B, S, d_model)
 
 
 class DecoderLayer(nn.Module):
@@ -136,18 +138,18 @@ class DecoderLayer(nn.Module):
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.heads, self_attention=False)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, y: Tensor, memory_kv: tuple[Tensor, Tensor], src_mask: Tensor | None) -> Tensor:
         # Causal masking alone suffices: target padding sits after every real token, so no real query
         # ever sees it, and padded positions are excluded from the loss.
-        y = self.norm1(y + self.dropout(self.self_attn(y, causal=True)))
+        y = self.norm1(self.dropout.residual(y, self.self_attn(y, causal=True)))
         return self._cross_and_ffn(y, memory_kv, src_mask)  # (B, T, d_model)
 
     def _cross_and_ffn(self, y: Tensor, memory_kv: tuple[Tensor, Tensor], src_mask: Tensor | None) -> Tensor:
         q = self.cross_attn.split_heads(self.cross_attn.q_proj(y))
-        y = self.norm2(y + self.dropout(self.cross_attn.attend(q, *memory_kv, src_mask, causal=False)))
-        return self.norm3(y + self.dropout(self.ffn(y)))
+        y = self.norm2(self.dropout.residual(y, self.cross_attn.attend(q, *memory_kv, src_mask, causal=False)))
+        return self.norm3(self.dropout.residual(y, self.ffn(y)))
 
     def step(self, y: Tensor, cache: LayerCache, t: int, src_mask: Tensor | None, beam: int) -> Tensor:
         """Position t of R = N·beam rows y (R, 1, d_model), attending to the cached keys/values 0..t."""
@@ -155,7 +157,7 @@ class DecoderLayer(nn.Module):
         q, kv = attn.in_proj(y).split([attn.heads * attn.d_k, 2 * attn.heads * attn.d_k], dim=-1)
         cache.self_kv[:, :R, t] = kv.view(R, 2, attn.heads, attn.d_k).transpose(0, 1)
         k_all, v_all = cache.self_kv[:, :R, : t + 1].transpose(2, 3)  # (R, h, t+1, d_k) each
-        y = self.norm1(y + self.dropout(attn.attend(attn.split_heads(q), k_all, v_all, None, causal=False)))
+        y = self.norm1(self.dropout.residual(y, attn.attend(attn.split_heads(q), k_all, v_all, None, causal=False)))
         # A sentence's beams are `beam` queries against its one copy of the encoder output: cross-attention and
         # the FFN treat positions independently, so this equals R separate rows without repeating the memory.
         y = self._cross_and_ffn(y.view(R // beam, beam, -1), (cache.memory_k, cache.memory_v), src_mask)
@@ -189,7 +191,7 @@ class Transformer(nn.Module):
         self.register_buffer("pe", sinusoid_table(cfg.max_positions, cfg.d_model), persistent=False)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
