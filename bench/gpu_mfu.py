@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import batch_flops, matmul_peak_flops, translation_batch  # noqa: E402
 from transformer import PAD_ID, Transformer, make_config  # noqa: E402
-from transformer.loss import label_smoothed_nll_loss  # noqa: E402
+from transformer.loss import label_smoothed_nll_loss, projected_label_smoothed_nll_loss  # noqa: E402
 from transformer.schedule import make_optimizer  # noqa: E402
 
 
@@ -36,8 +36,11 @@ def bench_preset(preset: str, args, peak: float) -> dict:
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = forward(src, tgt_in, keep)  # (N, V) at target tokens only
-        sums = label_smoothed_nll_loss(logits, tgt[keep])  # float32 log-probabilities
+            if args.full_logits:
+                sums = label_smoothed_nll_loss(forward(src, tgt_in, keep), tgt[keep])  # all (N, V) logits at once
+            else:  # what training does (Trainer.loss_sums)
+                hidden = forward(src, tgt_in, keep, project=False)  # (N, d_model) at target tokens only
+                sums = projected_label_smoothed_nll_loss(hidden, model.embed.weight, tgt[keep])
         optimizer.zero_grad(set_to_none=True)
         (sums.loss / sums.tokens).backward()
         optimizer.step()
@@ -73,6 +76,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--full-logits", action="store_true", help="the (N, V) logits at once, not the chunked loss")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_mfu.py needs a CUDA GPU and torch.cuda.is_available() is False: nothing measured.")

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import batch_flops, matmul_peak_flops, set_threads, step_seconds, translation_batch  # noqa: E402
 from transformer import PAD_ID, Transformer, make_config  # noqa: E402
-from transformer.loss import label_smoothed_nll_loss  # noqa: E402
+from transformer.loss import projected_label_smoothed_nll_loss  # noqa: E402
+from transformer.schedule import make_optimizer  # noqa: E402
 
 VOCAB = {"multi30k": 8000, "tiny-wu": 10000, "tiny": 8000, "base": 37000, "big": 37000}  # STACK-FACTS' BPE sizes
 
@@ -38,8 +39,10 @@ def our_step(model: Transformer, optimizer: torch.optim.Optimizer, batch, epsilo
     keep = tgt.ne(PAD_ID)
 
     def step() -> None:
-        # What pipeline training does: logits only where the target is a token, not padding.
-        sums = label_smoothed_nll_loss(model(src, tgt_in, keep), tgt[keep], epsilon=epsilon)
+        # What pipeline training does (Trainer.loss_sums): only the hidden states of real target tokens, projected
+        # onto the vocabulary a chunk at a time inside the loss.
+        hidden = model(src, tgt_in, keep, project=False)  # (N, d_model)
+        sums = projected_label_smoothed_nll_loss(hidden, model.embed.weight, tgt[keep], epsilon=epsilon)
         optimizer.zero_grad(set_to_none=True)
         (sums.loss / sums.tokens).backward()
         optimizer.step()
@@ -64,8 +67,9 @@ def marian_step(marian, optimizer: torch.optim.Optimizer, batch, epsilon: float)
     return step
 
 
-def adam(params) -> torch.optim.Adam:
-    return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+def adam(params, fused: bool | None = None) -> torch.optim.Adam:
+    """Adam(β 0.9, 0.98, ε 1e-9); torch's default implementation unless `fused`."""
+    return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=fused)
 
 
 def bench_shape(preset: str, length: int, args, peak: float) -> dict:
@@ -82,8 +86,8 @@ def bench_shape(preset: str, length: int, args, peak: float) -> dict:
     if args.compile:
         model = torch.compile(model)
     steps = {
-        "ours": our_step(model, adam(model.parameters()), batch, eps),
-        "marian": marian_step(marian, adam(marian.parameters()), batch, eps),
+        "ours": our_step(model, make_optimizer(model, cfg.d_model)[0], batch, eps),  # fused Adam, as in training
+        "marian": marian_step(marian, adam(marian.parameters(), fused=args.peer_fused_adam or None), batch, eps),
     }
     stat = min if args.stat == "min" else statistics.median
     wall, cpu = step_seconds(steps, warmup=args.warmup, repeat=args.repeat, stat=stat)
@@ -123,6 +127,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--stat", choices=["median", "min"], default="median", help="min: least disturbed by other jobs")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (not the peer)")
+    ap.add_argument("--peer-fused-adam", action="store_true", help="give the peer our fused Adam too")
     args = ap.parse_args()
     set_threads(args.threads)
     peak = matmul_peak_flops("cpu", torch.float32)

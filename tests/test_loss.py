@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transformer.loss import label_smoothed_nll_loss
+import transformer.loss
+from transformer.loss import label_smoothed_nll_loss, projected_label_smoothed_nll_loss
 
 
 def test_uniform_prediction_costs_log_v_whatever_the_smoothing():
@@ -98,6 +99,75 @@ def test_hand_written_gradient_equals_autograd(epsilon):
 def test_second_backward_through_one_loss_is_refused_clearly():
     x = torch.randn(3, 5, requires_grad=True)
     sums = label_smoothed_nll_loss(x, torch.tensor([1, 2, 3]))
+    sums.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        sums.loss.backward()
+
+
+# --- the projected loss: logits = hidden · Wᵀ formed a chunk of rows at a time ---
+
+
+def _projection_case(dtype=torch.float64, N=23, d=6, V=11, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, d, generator=g, dtype=dtype)
+    weight = torch.randn(V, d, generator=g, dtype=dtype)
+    target = torch.randint(1, V, (N,), generator=g)
+    target[[2, 9, 10]] = 0  # pads
+    return hidden, weight, target
+
+
+@pytest.fixture(params=[1, 4, 1000], ids=["1-row", "4-row", "one"])
+def chunk_rows(request, monkeypatch):
+    # V = 11 columns: these element budgets give chunks of 1 row, 4 rows, and all 23 rows at once.
+    monkeypatch.setitem(transformer.loss.CHUNK_ELEMENTS, "cpu", 11 * request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("weights", [(2.0, 3.0), (1.0, None), (None, 1.0)], ids=["both", "loss", "nll"])
+def test_projected_loss_sums_and_gradients_equal_autograd_through_the_logits(chunk_rows, weights):
+    hidden, weight, target = _projection_case()
+    results = []
+    for projected in (True, False):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if projected:
+            loss, nll = projected_label_smoothed_nll_loss(h, w, target, epsilon=0.1)[:2]
+        else:
+            loss, nll = _autograd_reference(h @ w.t(), target, 0.1)
+        sum(c * out for c, out in zip(weights, (loss, nll), strict=True) if c is not None).backward()
+        results.append((loss.detach(), nll.detach(), h.grad, w.grad))
+    for ours, ref in zip(*results, strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)
+    assert results[0][2][[2, 9, 10]].abs().max() == 0  # pads get no gradient
+
+
+def test_projected_loss_without_gradients_gives_the_same_sums(chunk_rows):
+    hidden, weight, target = _projection_case(torch.float32)
+    with torch.no_grad():
+        ours = projected_label_smoothed_nll_loss(hidden, weight, target, epsilon=0.1)
+        ref = label_smoothed_nll_loss(hidden @ weight.t(), target, epsilon=0.1)
+    for field in ("loss", "nll", "tokens"):
+        torch.testing.assert_close(getattr(ours, field), getattr(ref, field), rtol=1e-6, atol=1e-5)
+
+
+def test_projected_loss_under_bf16_autocast_projects_in_bf16_and_scores_in_float32():
+    hidden, weight, target = _projection_case(torch.float32, N=40, d=16, V=50)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = projected_label_smoothed_nll_loss(h, w, target)
+        ref = label_smoothed_nll_loss(F.linear(hidden, weight), target)  # F.linear: bf16 logits under autocast
+    assert ours.loss.dtype == torch.float32
+    torch.testing.assert_close(ours.loss, ref.loss, rtol=1e-5, atol=1e-4)  # both score the same bf16 logits
+    ours.loss.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    h32, w32 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    label_smoothed_nll_loss(h32 @ w32.t(), target).loss.backward()
+    torch.testing.assert_close(h.grad, h32.grad, rtol=0.05, atol=0.05)  # bf16 rounding of the GEMM inputs
+    torch.testing.assert_close(w.grad, w32.grad, rtol=0.05, atol=0.05)
+
+
+def test_second_backward_through_one_projected_loss_is_refused_clearly():
+    hidden, weight, target = _projection_case(torch.float32)
+    sums = projected_label_smoothed_nll_loss(hidden.requires_grad_(True), weight, target)
     sums.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         sums.loss.backward()

@@ -41,6 +41,21 @@ def test_optimizer_is_adam_with_the_papers_settings_and_per_update_schedule():
         scheduler.step()
 
 
+def test_two_adam_updates_by_hand():
+    # Bias-corrected Adam: update 1 moves by lr·g/(|g| + ε); with g again at update 2, m̂ = g and v̂ = g², so
+    # again lr·g/(|g| + ε), at that update's lr. The fused kernel must do exactly the paper's Adam.
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    optimizer, scheduler = make_optimizer(torch.nn.ParameterList([p]), D, warmup=2)  # lr 0.016, then 0.031
+    g = torch.tensor([0.3, -0.01, 2.0])
+    expected = p.detach().clone()
+    for update in (1, 2):
+        expected -= rate(update, D, 2) * g / (g.abs() + 1e-9)
+        p.grad = g.clone()
+        optimizer.step()
+        scheduler.step()
+    torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+
+
 def test_cooldown_multiplier_is_one_then_linear_to_zero():
     assert cooldown(0.0, 0.3) == 1.0 and cooldown(0.7, 0.3) == pytest.approx(1.0)
     assert cooldown(0.85, 0.3) == pytest.approx(0.5)  # halfway through the last 30%

@@ -4,6 +4,11 @@ averaging is exact: workers all-reduce the sums and the token count, then divide
 The (tokens × V) log-probabilities are the largest tensors of a training step, so the gradient is written by
 hand: for the smoothed target q, d loss / d logits = softmax(logits) - q, one pass over V instead of the
 five or so that autograd makes through gather, sum and log_softmax (see bench/README.md).
+
+`projected_label_smoothed_nll_loss` goes one step further for training: it takes the decoder's last hidden
+states and the output projection, and never holds all (tokens × V) logits at once. Rows are projected, scored
+and differentiated a chunk at a time while the chunk is in cache, and the gradients with respect to the
+hidden states and the projection are formed in the forward pass, so backward only scales them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ from torch import Tensor
 
 from transformer.model import PAD_ID
 
+# Logit elements per chunk: 16 MiB of float32 on CPU, where glibc reuses freed blocks under 32 MiB instead of
+# mapping (and page-faulting) fresh memory for every chunk; 256 MiB on GPUs, where larger GEMMs run faster.
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+
 
 class LossSums(NamedTuple):
     loss: Tensor  # label-smoothed cross-entropy summed over non-pad tokens (the training objective)
@@ -23,40 +32,51 @@ class LossSums(NamedTuple):
     tokens: Tensor  # number of non-pad target tokens
 
 
+def _scores(lprobs: Tensor, target: Tensor, keep: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+    """(loss, nll) summed over kept rows of log-probabilities (N, V): loss = (1-ε)·nll + ε/(V-1)·Σ_{k≠y} -log p_k."""
+    V = lprobs.shape[-1]
+    nll = -lprobs.gather(1, target.unsqueeze(1)).squeeze(1)  # (N,)
+    others = -lprobs.sum(dim=1) - nll  # Σ over k ≠ y of -log p_k
+    loss = (1.0 - epsilon) * nll + epsilon / (V - 1) * others
+    zero = lprobs.new_zeros(())
+    return torch.where(keep, loss, zero).sum(), torch.where(keep, nll, zero).sum()
+
+
+def _softmax_minus_target_(lprobs: Tensor, target: Tensor, a: Tensor, b: Tensor, epsilon: float) -> Tensor:
+    """a·(softmax - q) + b·(softmax - onehot), row by row, written over `lprobs` (N, V): the gradient of
+    a·loss + b·nll with respect to the logits. a, b (N,) are zero at rows that do not count."""
+    V = lprobs.shape[-1]
+    eps_i = epsilon / (V - 1)
+    grad = lprobs.exp_()  # softmax, in the log-probabilities' buffer
+    # q = ε/(V-1) everywhere but 1-ε at the reference, so
+    # grad = softmax·(a+b) - a·ε/(V-1) - onehot·(a·(1-ε-ε/(V-1)) + b)
+    grad.mul_((a + b).unsqueeze(1)).sub_((a * eps_i).unsqueeze(1))  # (N, V)
+    return grad.scatter_add_(1, target.unsqueeze(1), -(a * (1.0 - epsilon - eps_i) + b).unsqueeze(1))
+
+
 class _SmoothedCrossEntropy(torch.autograd.Function):
     """Per-token (loss, nll) summed over kept tokens, from logits (N, V); gradients for both outputs."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, keep: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
-        V = logits.shape[-1]
         dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 even under bf16
         lprobs = F.log_softmax(logits, dim=-1, dtype=dtype)  # (N, V)
-        nll = -lprobs.gather(1, target.unsqueeze(1)).squeeze(1)  # (N,)
-        others = -lprobs.sum(dim=1) - nll  # Σ over k ≠ y of -log p_k
-        eps_i = epsilon / (V - 1)
-        loss = (1.0 - epsilon) * nll + eps_i * others
-        zero = lprobs.new_zeros(())
         # An intermediate kept on ctx (not save_for_backward) so that backward may overwrite it in place:
         # on CPU a fresh (N, V) buffer costs page faults comparable to the arithmetic.
         ctx.lprobs, ctx.epsilon, ctx.logits_dtype = lprobs, epsilon, logits.dtype
         ctx.save_for_backward(target, keep)
-        return torch.where(keep, loss, zero).sum(), torch.where(keep, nll, zero).sum()
+        return _scores(lprobs, target, keep, epsilon)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor | None, grad_nll: Tensor | None):
         target, keep = ctx.saved_tensors
         if ctx.lprobs is None:
             raise RuntimeError("label_smoothed_nll_loss: backward twice through one loss (retain_graph) is unsupported")
-        grad, ctx.lprobs = ctx.lprobs.exp_(), None  # softmax, in the log-probabilities' buffer
-        V, eps = grad.shape[-1], ctx.epsilon
-        eps_i = eps / (V - 1)
-        zero = grad.new_zeros(())
-        a = torch.where(keep, grad_loss if grad_loss is not None else zero, zero)  # (N,) weight of softmax - q
-        b = torch.where(keep, grad_nll if grad_nll is not None else zero, zero)  # (N,) weight of softmax - onehot
-        # q = ε/(V-1) everywhere but 1-ε at the reference, so
-        # grad = softmax·(a+b) - a·ε/(V-1) - onehot·(a·(1-ε-ε/(V-1)) + b)
-        grad.mul_((a + b).unsqueeze(1)).sub_((a * eps_i).unsqueeze(1))  # (N, V)
-        grad.scatter_add_(1, target.unsqueeze(1), -(a * (1.0 - eps - eps_i) + b).unsqueeze(1))
+        lprobs, ctx.lprobs = ctx.lprobs, None
+        zero = lprobs.new_zeros(())
+        a = torch.where(keep, grad_loss if grad_loss is not None else zero, zero)  # (N,)
+        b = torch.where(keep, grad_nll if grad_nll is not None else zero, zero)  # (N,)
+        grad = _softmax_minus_target_(lprobs, target, a, b, ctx.epsilon)
         return grad.to(ctx.logits_dtype), None, None, None
 
 
@@ -69,4 +89,73 @@ def label_smoothed_nll_loss(
     target = target.reshape(-1)  # (N,)
     keep = target.ne(ignore_index)
     loss, nll = _SmoothedCrossEntropy.apply(logits.reshape(-1, V), target, keep, float(epsilon))
+    return LossSums(loss=loss, nll=nll, tokens=keep.sum())
+
+
+class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
+    """(loss, nll) of logits = hidden (N, d) · weightᵀ (V, d), chunk by chunk. With gradients needed, forward
+    also forms G_h = (softmax - q)·W and G_W = (softmax - q)ᵀ·h over kept rows, the gradients of `loss`."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, keep: Tensor, epsilon: float, chunk: int):
+        # Under autocast the GEMMs run in its dtype (bf16 on GPUs), the scores in float32, as F.linear would;
+        # autocast is then switched off, so that the dtypes below are the ones written.
+        dev = hidden.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        acc = torch.promote_types(dtype, torch.float32)  # scores and gradients: float32, or float64 if given
+        h, w = hidden.to(dtype), weight.to(dtype)
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        sums = torch.zeros(2, dtype=acc, device=hidden.device)  # loss, nll
+        grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if grads else None
+        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if grads else None
+        with torch.autocast(dev, enabled=False):
+            for i in range(0, h.shape[0], chunk):
+                rows = slice(i, i + chunk)
+                lprobs = F.log_softmax(h[rows] @ w.t(), dim=-1, dtype=acc)  # (c, V)
+                sums += torch.stack(_scores(lprobs, target[rows], keep[rows], epsilon))
+                if not grads:
+                    continue
+                a = keep[rows].to(lprobs.dtype)
+                g = _softmax_minus_target_(lprobs, target[rows], a, torch.zeros_like(a), epsilon).to(dtype)
+                grad_h[rows] = g @ w  # (c, d)
+                if dtype == acc:
+                    grad_w.addmm_(g.t(), h[rows])  # (V, d), in place
+                else:
+                    grad_w += g.t() @ h[rows]  # accumulated in float32
+        ctx.grads, ctx.epsilon = (grad_h, grad_w), epsilon
+        ctx.dtypes = hidden.dtype, weight.dtype
+        ctx.save_for_backward(hidden, weight, target, keep)
+        return sums[0], sums[1]
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor | None, grad_nll: Tensor | None):
+        if ctx.grads is None:
+            raise RuntimeError("projected loss: backward twice through one loss (retain_graph) is unsupported")
+        (grad_h, grad_w), ctx.grads = ctx.grads, None
+        zero = grad_h.new_zeros(())
+        a, b = (g if g is not None else zero for g in (grad_loss, grad_nll))
+        # d(a·loss + b·nll)/d logits = (a+b)·(softmax - q) + b·D, D = q - onehot = ε/(V-1)·1 - (ε + ε/(V-1))·onehot;
+        # D's products with W and h are a column sum and a gather/scatter: the nll's gradient needs no GEMM.
+        grad_h.mul_(a + b), grad_w.mul_(a + b)
+        if grad_nll is not None:
+            hidden, weight, target, keep = ctx.saved_tensors
+            V, eps = weight.shape[0], ctx.epsilon
+            eps_i = eps / (V - 1)
+            k = keep.unsqueeze(1).to(grad_h.dtype)  # (N, 1)
+            h, w = hidden.to(k.dtype) * k, weight.to(k.dtype)  # h zero at rows that do not count
+            grad_h += b * k * (eps_i * w.sum(0) - (eps + eps_i) * w[target])  # (N, d)
+            grad_w += b * (eps_i * h.sum(0) - (eps + eps_i) * torch.zeros_like(w).index_add_(0, target, h))  # (V, d)
+        return grad_h.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None, None
+
+
+def projected_label_smoothed_nll_loss(
+    hidden: Tensor, weight: Tensor, target: Tensor, epsilon: float = 0.1, ignore_index: int = PAD_ID
+) -> LossSums:
+    """`label_smoothed_nll_loss(hidden @ weight.T, target)` for hidden (..., d) and the output projection
+    weight (V, d), without materialising the (..., V) logits: the same sums, with less memory and time."""
+    d, V = hidden.shape[-1], weight.shape[0]
+    target = target.reshape(-1)  # (N,)
+    keep = target.ne(ignore_index)
+    chunk = max(1, CHUNK_ELEMENTS.get(hidden.device.type, CHUNK_ELEMENTS["cuda"]) // V)
+    loss, nll = _ProjectedSmoothedCrossEntropy.apply(hidden.reshape(-1, d), weight, target, keep, float(epsilon), chunk)
     return LossSums(loss=loss, nll=nll, tokens=keep.sum())

@@ -222,21 +222,24 @@ class Transformer(nn.Module):
             x = layer(x, src_mask)
         return EncoderOut(x, src_mask)
 
-    def decode(self, tgt_in: Tensor, enc: EncoderOut, keep: Tensor | None = None) -> Tensor:
+    def decode(self, tgt_in: Tensor, enc: EncoderOut, keep: Tensor | None = None, project: bool = True) -> Tensor:
         """Teacher-forced decoding of tgt_in (B, T) = bos + target[:-1]; logits (B, T, V), or (N, V) for only
         the N positions where `keep` (B, T) is True: training passes target != pad and skips the projection,
-        the largest matmul of a step, at padded positions."""
+        the largest matmul of a step, at padded positions. project=False: the last hidden states instead
+        (B, T, d_model) or (N, d_model), for a loss that projects them itself (`projected_label_smoothed_nll_loss`)."""
         y = self.embed_tokens(tgt_in)
         for layer in self.decoder:
             y = layer(y, layer.cross_attn.project_kv(enc.memory), enc.src_mask)
-        return self.project(y if keep is None else y[keep])  # (B, T, d_model) or (N, d_model) in
+        y = y if keep is None else y[keep]  # (B, T, d_model) or (N, d_model)
+        return self.project(y) if project else y
 
     def project(self, y: Tensor) -> Tensor:
         return F.linear(y, self.embed.weight)  # (B, T, V): pre-softmax weights shared (§3.4)
 
-    def forward(self, src: Tensor, tgt_in: Tensor, keep: Tensor | None = None) -> Tensor:
-        """Logits (B, T, V), or (N, V) at the positions where `keep` (B, T) is True (see `decode`)."""
-        return self.decode(tgt_in, self.encode(src), keep)
+    def forward(self, src: Tensor, tgt_in: Tensor, keep: Tensor | None = None, project: bool = True) -> Tensor:
+        """Logits (B, T, V), or (N, V) at the positions where `keep` (B, T) is True; project=False: the hidden
+        states that the logits would be computed from (see `decode`)."""
+        return self.decode(tgt_in, self.encode(src), keep, project)
 
     # --- incremental decoding: the narrow interface that search uses ---
 

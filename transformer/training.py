@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from transformer.batching import Batch, BatchPlan, Position, collate, fixed_batches
-from transformer.loss import label_smoothed_nll_loss
+from transformer.loss import LossSums, projected_label_smoothed_nll_loss
 from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer, TransformerConfig
 from transformer.schedule import make_optimizer
 
@@ -194,15 +194,19 @@ class Trainer:
         no_sync = getattr(self.model, "no_sync", None)
         ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with ctx:
-            # Only non-pad target positions are projected onto the vocabulary: the (N, V) logits are the
-            # largest tensor of a step, and padding rows would be computed only to be masked out.
-            keep = batch.tgt_out.ne(PAD_ID)  # (B, T)
-            with self.autocast():
-                logits = self.forward(batch.src, batch.tgt_in, keep)  # (N, V)
-            sums = label_smoothed_nll_loss(logits, batch.tgt_out[keep], self.cfg.label_smoothing)
+            sums = self.loss_sums(self.forward, batch)
             weight = scale if indices is not None else 0.0
             (sums.loss * weight).backward()
         return torch.stack([sums.loss.detach(), sums.nll.detach()]) * (1.0 if indices is not None else 0.0)
+
+    def loss_sums(self, model: nn.Module, batch: Batch) -> LossSums:
+        # Only non-pad target positions are projected onto the vocabulary, and the loss projects them a chunk
+        # at a time: the (N, V) logits would be the largest tensor of a step.
+        keep = batch.tgt_out.ne(PAD_ID)  # (B, T)
+        with self.autocast():
+            hidden = model(batch.src, batch.tgt_in, keep, project=False)  # (N, d_model)
+            weight = self.module.embed.weight  # the pre-softmax projection, shared with the embeddings (§3.4)
+            return projected_label_smoothed_nll_loss(hidden, weight, batch.tgt_out[keep], self.cfg.label_smoothing)
 
     def train_step(self, global_batch: list[np.ndarray], flags: tuple[bool, ...] = ()) -> Step:
         self.model.train()
@@ -246,11 +250,7 @@ class Trainer:
         self.module.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for indices in self.valid_batches[self.rank :: self.world_size]:
-            batch = collate(self.valid_data, indices).to(self.device)
-            keep = batch.tgt_out.ne(PAD_ID)  # (B, T)
-            with self.autocast():
-                logits = self.module(batch.src, batch.tgt_in, keep)  # (N, V)
-            s = label_smoothed_nll_loss(logits, batch.tgt_out[keep], self.cfg.label_smoothing)
+            s = self.loss_sums(self.module, collate(self.valid_data, indices).to(self.device))
             sums += torch.stack([s.loss.double(), s.nll.double(), s.tokens.double()])
         loss, nll, tokens = all_reduce(sums).tolist()
         self.module.train()
