@@ -7,8 +7,8 @@ five or so that autograd makes through gather, sum and log_softmax (see bench/RE
 
 `projected_label_smoothed_nll_loss` goes one step further for training: it takes the decoder's last hidden
 states and the output projection, and never holds all (tokens × V) logits at once. Rows are projected, scored
-and differentiated a chunk at a time while the chunk is in cache, and the gradients with respect to the
-hidden states and the projection are formed in the forward pass, so backward only scales them.
+and differentiated a chunk at a time in one reused buffer, and the gradients with respect to the hidden states
+and the projection are formed in the forward pass, so backward only scales them (bench/README.md).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch import Tensor
 
 from transformer.model import PAD_ID
 
-# Logit elements per chunk: 16 MiB of float32 on CPU, where glibc reuses freed blocks under 32 MiB instead of
-# mapping (and page-faulting) fresh memory for every chunk; 256 MiB on GPUs, where larger GEMMs run faster.
+# Logit elements per chunk: 16 MiB of float32 on CPU (524 rows of an 8k vocabulary: as fast as larger chunks,
+# measured from 131 to 1,048 rows); 256 MiB on GPUs, where larger GEMMs run faster.
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
@@ -92,9 +92,23 @@ def label_smoothed_nll_loss(
     return LossSums(loss=loss, nll=nll, tokens=keep.sum())
 
 
+def _uniform_and_onehot_products(
+    hidden: Tensor, weight: Tensor, target: Tensor, keep: Tensor, u: float, c: float
+) -> tuple[Tensor, Tensor]:
+    """For C = u·1 - c·onehot(target) on kept rows, 0 elsewhere (N, V): C·W (N, d) and Cᵀ·h (V, d) without
+    forming C, by a column sum and a gather, and a row sum and a scatter."""
+    k = keep.unsqueeze(1).to(hidden.dtype)  # (N, 1)
+    h = hidden * k
+    c_w = k * (u * weight.sum(0) - c * weight[target])  # (N, d)
+    c_h = (u * h.sum(0)).expand_as(weight) - c * torch.zeros_like(weight).index_add_(0, target, h)  # (V, d)
+    return c_w, c_h
+
+
 class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
     """(loss, nll) of logits = hidden (N, d) · weightᵀ (V, d), chunk by chunk. With gradients needed, forward
-    also forms G_h = (softmax - q)·W and G_W = (softmax - q)ᵀ·h over kept rows, the gradients of `loss`."""
+    also forms the gradients of `loss`, (softmax - q)·W and (softmax - q)ᵀ·h over kept rows. As softmax - q =
+    softmax - ε/(V-1)·1 - (1-ε-ε/(V-1))·onehot, only the softmax goes through the GEMMs; the rest is a cheap
+    correction (`_uniform_and_onehot_products`)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, keep: Tensor, epsilon: float, chunk: int):
@@ -104,24 +118,37 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
         acc = torch.promote_types(dtype, torch.float32)  # scores and gradients: float32, or float64 if given
         h, w = hidden.to(dtype), weight.to(dtype)
+        h_kept = h if bool(keep.all()) else h * keep.unsqueeze(1).to(dtype)  # rows that count, for Pᵀ·h
         grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         sums = torch.zeros(2, dtype=acc, device=hidden.device)  # loss, nll
         grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if grads else None
         grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if grads else None
+        # One buffer holds a chunk's logits, then its log-probabilities, then its softmax: fresh (c, V) tensors
+        # each chunk would be unmapped and page-faulted again by the allocator (~15% of this function on CPU).
+        buffer = h.new_empty(min(chunk, h.shape[0]), w.shape[0])  # (c, V)
         with torch.autocast(dev, enabled=False):
             for i in range(0, h.shape[0], chunk):
                 rows = slice(i, i + chunk)
-                lprobs = F.log_softmax(h[rows] @ w.t(), dim=-1, dtype=acc)  # (c, V)
+                logits = torch.mm(h[rows], w.t(), out=buffer[: h[rows].shape[0]])  # (c, V)
+                if dtype == acc:
+                    lprobs = torch.log_softmax(logits, dim=-1, out=logits)  # each row reduced before it is written
+                else:
+                    lprobs = F.log_softmax(logits, dim=-1, dtype=acc)
                 sums += torch.stack(_scores(lprobs, target[rows], keep[rows], epsilon))
                 if not grads:
                     continue
-                a = keep[rows].to(lprobs.dtype)
-                g = _softmax_minus_target_(lprobs, target[rows], a, torch.zeros_like(a), epsilon).to(dtype)
-                grad_h[rows] = g @ w  # (c, d)
+                p = lprobs.exp_().to(dtype)  # softmax
                 if dtype == acc:
-                    grad_w.addmm_(g.t(), h[rows])  # (V, d), in place
+                    torch.mm(p, w, out=grad_h[rows])  # (c, d)
+                    grad_w.addmm_(p.t(), h_kept[rows])  # (V, d)
                 else:
-                    grad_w += g.t() @ h[rows]  # accumulated in float32
+                    grad_h[rows] = p @ w
+                    grad_w += p.t() @ h_kept[rows]  # accumulated in float32
+            if grads:  # softmax - q = softmax - ε/(V-1)·1 - (1 - ε - ε/(V-1))·onehot
+                eps_i = epsilon / (w.shape[0] - 1)
+                c_w, c_h = _uniform_and_onehot_products(h.to(acc), w.to(acc), target, keep, -eps_i, 1 - epsilon - eps_i)
+                grad_h.mul_(keep.unsqueeze(1)).add_(c_w)
+                grad_w.add_(c_h)
         ctx.grads, ctx.epsilon = (grad_h, grad_w), epsilon
         ctx.dtypes = hidden.dtype, weight.dtype
         ctx.save_for_backward(hidden, weight, target, keep)
@@ -134,17 +161,17 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
         (grad_h, grad_w), ctx.grads = ctx.grads, None
         zero = grad_h.new_zeros(())
         a, b = (g if g is not None else zero for g in (grad_loss, grad_nll))
-        # d(a·loss + b·nll)/d logits = (a+b)·(softmax - q) + b·D, D = q - onehot = ε/(V-1)·1 - (ε + ε/(V-1))·onehot;
-        # D's products with W and h are a column sum and a gather/scatter: the nll's gradient needs no GEMM.
+        # d(a·loss + b·nll)/d logits = (a+b)·(softmax - q) + b·D, D = q - onehot = ε/(V-1)·1 - (ε + ε/(V-1))·onehot:
+        # the nll's gradient is the loss's plus a correction of the same cheap form.
         grad_h.mul_(a + b), grad_w.mul_(a + b)
         if grad_nll is not None:
             hidden, weight, target, keep = ctx.saved_tensors
-            V, eps = weight.shape[0], ctx.epsilon
-            eps_i = eps / (V - 1)
-            k = keep.unsqueeze(1).to(grad_h.dtype)  # (N, 1)
-            h, w = hidden.to(k.dtype) * k, weight.to(k.dtype)  # h zero at rows that do not count
-            grad_h += b * k * (eps_i * w.sum(0) - (eps + eps_i) * w[target])  # (N, d)
-            grad_w += b * (eps_i * h.sum(0) - (eps + eps_i) * torch.zeros_like(w).index_add_(0, target, h))  # (V, d)
+            eps = ctx.epsilon
+            eps_i = eps / (weight.shape[0] - 1)
+            d_w, d_h = _uniform_and_onehot_products(
+                hidden.to(grad_h.dtype), weight.to(grad_h.dtype), target, keep, eps_i, eps + eps_i
+            )
+            grad_h.add_(b * d_w), grad_w.add_(b * d_h)
         return grad_h.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None, None
 
 
