@@ -98,7 +98,7 @@ def test_two_gloo_workers_match_one_worker(tmp_path):
     assert two["valid"] == pytest.approx(hooks.valid[-1]["valid_loss"], abs=1e-5)
     # Adam moves each weight by up to lr ≈ 0.1 per update here, and divides by √v: where a gradient is tiny (the
     # cross-attention queries of an untrained model), summation-order noise of 1e-7 becomes a ~1e-5 difference
-    # (seen on AVX-512 MKL). 1e-4 is 0.1% of one step; a wrong shard or scaling moves weights by ~1e-2.
+    # (seen on AVX-512 MKL). 1e-4 is 0.1% of one step; the losses above stay compared to 1e-5.
     for k, v in single.module.state_dict().items():
         torch.testing.assert_close(without_key_bias(k, two["model"][k]), without_key_bias(k, v), rtol=0, atol=1e-4)
 
