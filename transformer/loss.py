@@ -42,18 +42,6 @@ def _scores(lprobs: Tensor, target: Tensor, keep: Tensor, epsilon: float) -> tup
     return torch.where(keep, loss, zero).sum(), torch.where(keep, nll, zero).sum()
 
 
-def _softmax_minus_target_(lprobs: Tensor, target: Tensor, a: Tensor, b: Tensor, epsilon: float) -> Tensor:
-    """a·(softmax - q) + b·(softmax - onehot), row by row, written over `lprobs` (N, V): the gradient of
-    a·loss + b·nll with respect to the logits. a, b (N,) are zero at rows that do not count."""
-    V = lprobs.shape[-1]
-    eps_i = epsilon / (V - 1)
-    grad = lprobs.exp_()  # softmax, in the log-probabilities' buffer
-    # q = ε/(V-1) everywhere but 1-ε at the reference, so
-    # grad = softmax·(a+b) - a·ε/(V-1) - onehot·(a·(1-ε-ε/(V-1)) + b)
-    grad.mul_((a + b).unsqueeze(1)).sub_((a * eps_i).unsqueeze(1))  # (N, V)
-    return grad.scatter_add_(1, target.unsqueeze(1), -(a * (1.0 - epsilon - eps_i) + b).unsqueeze(1))
-
-
 class _SmoothedCrossEntropy(torch.autograd.Function):
     """Per-token (loss, nll) summed over kept tokens, from logits (N, V); gradients for both outputs."""
 
@@ -72,11 +60,16 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         target, keep = ctx.saved_tensors
         if ctx.lprobs is None:
             raise RuntimeError("label_smoothed_nll_loss: backward twice through one loss (retain_graph) is unsupported")
-        lprobs, ctx.lprobs = ctx.lprobs, None
-        zero = lprobs.new_zeros(())
-        a = torch.where(keep, grad_loss if grad_loss is not None else zero, zero)  # (N,)
-        b = torch.where(keep, grad_nll if grad_nll is not None else zero, zero)  # (N,)
-        grad = _softmax_minus_target_(lprobs, target, a, b, ctx.epsilon)
+        grad, ctx.lprobs = ctx.lprobs.exp_(), None  # softmax, in the log-probabilities' buffer
+        V, eps = grad.shape[-1], ctx.epsilon
+        eps_i = eps / (V - 1)
+        zero = grad.new_zeros(())
+        a = torch.where(keep, grad_loss if grad_loss is not None else zero, zero)  # (N,) weight of softmax - q
+        b = torch.where(keep, grad_nll if grad_nll is not None else zero, zero)  # (N,) weight of softmax - onehot
+        # q = ε/(V-1) everywhere but 1-ε at the reference, so
+        # grad = softmax·(a+b) - a·ε/(V-1) - onehot·(a·(1-ε-ε/(V-1)) + b)
+        grad.mul_((a + b).unsqueeze(1)).sub_((a * eps_i).unsqueeze(1))  # (N, V)
+        grad.scatter_add_(1, target.unsqueeze(1), -(a * (1.0 - eps - eps_i) + b).unsqueeze(1))
         return grad.to(ctx.logits_dtype), None, None, None
 
 
