@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from transformer.batching import Batch, BatchPlan, Position, collate, fixed_batches
 from transformer.loss import LossSums, projected_label_smoothed_nll_loss
 from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer, TransformerConfig
+from transformer.rng import reseed, rng_state, set_rng_state
 from transformer.schedule import make_optimizer
 
 
@@ -97,26 +97,6 @@ def all_reduce(t: Tensor) -> Tensor:
     if world()[1] > 1:
         dist.all_reduce(t)
     return t
-
-
-def reseed(*key: int) -> None:
-    torch.manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1))
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"]["key"].numpy().astype(np.uint32), state["numpy"]["pos"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
 
 
 def marks_passed(elapsed_s: float, every_minutes: float | None) -> int:
