@@ -165,6 +165,57 @@ def test_projected_loss_under_bf16_autocast_projects_in_bf16_and_scores_in_float
     torch.testing.assert_close(w.grad, w32.grad, rtol=0.05, atol=0.05)
 
 
+def test_projected_loss_under_no_grad_runs_only_the_projection_gemm():
+    # Validation: the weights require gradients but no backward will come, so only logits = h·Wᵀ is computed
+    # (2·N·d·V FLOPs), not the two gradient GEMMs on top.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden, weight, target = _projection_case(torch.float32, N=40, d=16, V=50)
+    h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
+    flops = {}
+    for grad_mode in (False, True):
+        with torch.set_grad_enabled(grad_mode), FlopCounterMode(display=False) as counter:
+            projected_label_smoothed_nll_loss(h, w, target)
+        flops[grad_mode] = counter.get_total_flops()
+    assert flops[False] == 2 * 40 * 16 * 50
+    assert flops[True] > flops[False]  # the same call with gradients wanted forms them
+
+
+def _confident_case(N=64, d=32, V=1000, seed=5):
+    """Hidden states close to their target's embedding: the softmax puts most of its mass on the reference, as
+    near convergence, where softmax and smoothed target nearly cancel."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(V, d, generator=g) / d**0.25
+    target = torch.randint(1, V, (N,), generator=g)
+    hidden = 5.0 * weight[target] / d**0.25 + 0.3 * torch.randn(N, d, generator=g)
+    target[:4] = 0  # pads
+    return hidden, weight, target
+
+
+def test_projected_loss_gradients_under_bf16_are_as_accurate_as_autocasts_own():
+    # The bf16 GEMMs get softmax - q rounded, as autograd through autocast's bf16 logits does, not the softmax
+    # rounded and q subtracted later, which loses the difference where the two nearly cancel.
+    hidden, weight, target = _confident_case()
+    grads = {}
+    for name in ("float64", "ours", "autocast"):
+        h = hidden.double() if name == "float64" else hidden.clone()
+        w = weight.double() if name == "float64" else weight.clone()
+        h.requires_grad_(True), w.requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "float64"):
+            if name == "autocast":
+                sums = label_smoothed_nll_loss(F.linear(h, w), target)
+            else:
+                sums = projected_label_smoothed_nll_loss(h, w, target)
+        sums.loss.backward()
+        grads[name] = (h.grad.double(), w.grad.double())
+    p_ref = torch.softmax(hidden.double() @ weight.double().t(), -1).gather(1, target[:, None]).squeeze(1)[4:]
+    assert p_ref.mean() > 0.7  # the case is the confident one it is meant to be
+    for i in (0, 1):
+        ref = grads["float64"][i]
+        errors = {k: ((grads[k][i] - ref).norm() / ref.norm()).item() for k in ("ours", "autocast")}
+        assert errors["ours"] <= 1.1 * errors["autocast"], errors
+
+
 def test_second_backward_through_one_projected_loss_is_refused_clearly():
     hidden, weight, target = _projection_case(torch.float32)
     sums = projected_label_smoothed_nll_loss(hidden.requires_grad_(True), weight, target)

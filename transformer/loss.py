@@ -97,6 +97,12 @@ def _uniform_and_onehot_products(
     return c_w, c_h
 
 
+def _minus_smoothed_target_(p: Tensor, target: Tensor, keep: Tensor, u: float, c: float) -> Tensor:
+    """p - q in place for q = u·1 + c·onehot(target) on kept rows (c, V); rows not kept become 0."""
+    p.sub_(u).scatter_add_(1, target.unsqueeze(1), p.new_full((p.shape[0], 1), -c))
+    return p.mul_(keep.unsqueeze(1))
+
+
 class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
     """(loss, nll) of logits = hidden (N, d) · weightᵀ (V, d), chunk by chunk. With gradients needed, forward
     also forms the gradients of `loss`, (softmax - q)·W and (softmax - q)ᵀ·h over kept rows. As softmax - q =
@@ -104,42 +110,51 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
     correction (`_uniform_and_onehot_products`)."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, keep: Tensor, epsilon: float, chunk: int):
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, target: Tensor, keep: Tensor, epsilon: float, chunk: int, grad_mode: bool
+    ):
         # Under autocast the GEMMs run in its dtype (bf16 on GPUs), the scores in float32, as F.linear would;
         # autocast is then switched off, so that the dtypes below are the ones written.
         dev = hidden.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
         acc = torch.promote_types(dtype, torch.float32)  # scores and gradients: float32, or float64 if given
         h, w = hidden.to(dtype), weight.to(dtype)
-        h_kept = h if bool(keep.all()) else h * keep.unsqueeze(1).to(dtype)  # rows that count, for Pᵀ·h
-        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # needs_input_grad says only whether the inputs require gradients; under no_grad (validation) nothing
+        # will call backward, so forming the gradients would triple the projection's work for nothing.
+        grads = grad_mode and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        full = dtype == acc  # float32 or float64 GEMMs: the softmax goes in as is, q is corrected for after them
+        if grads and full:
+            h_kept = h if bool(keep.all()) else h * keep.unsqueeze(1).to(dtype)  # rows that count, for Pᵀ·h
         sums = torch.zeros(2, dtype=acc, device=hidden.device)  # loss, nll
         grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if grads else None
         grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if grads else None
         # One buffer holds a chunk's logits, then its log-probabilities, then its softmax: fresh (c, V) tensors
         # each chunk would be unmapped and page-faulted again by the allocator (~15% of this function on CPU).
         buffer = h.new_empty(min(chunk, h.shape[0]), w.shape[0])  # (c, V)
+        eps_i = epsilon / (w.shape[0] - 1)
         with torch.autocast(dev, enabled=False):
             for i in range(0, h.shape[0], chunk):
                 rows = slice(i, i + chunk)
                 logits = torch.mm(h[rows], w.t(), out=buffer[: h[rows].shape[0]])  # (c, V)
-                if dtype == acc:
+                if full:
                     lprobs = torch.log_softmax(logits, dim=-1, out=logits)  # each row reduced before it is written
                 else:
                     lprobs = F.log_softmax(logits, dim=-1, dtype=acc)
                 sums += torch.stack(_scores(lprobs, target[rows], keep[rows], epsilon))
                 if not grads:
                     continue
-                p = lprobs.exp_().to(dtype)  # softmax
-                if dtype == acc:
+                p = lprobs.exp_()  # softmax
+                if full:
                     torch.mm(p, w, out=grad_h[rows])  # (c, d)
                     grad_w.addmm_(p.t(), h_kept[rows])  # (V, d)
                 else:
+                    # Rounded to 16 bits, softmax - q must be formed first: near convergence the two nearly cancel
+                    # at the reference, and rounding the softmax alone (0.9 to within 2^-9) would swamp the difference.
+                    p = _minus_smoothed_target_(p, target[rows], keep[rows], eps_i, 1 - epsilon - eps_i).to(dtype)
                     grad_h[rows] = p @ w
-                    grad_w += p.t() @ h_kept[rows]  # accumulated in float32
-            if grads:  # softmax - q = softmax - ε/(V-1)·1 - (1 - ε - ε/(V-1))·onehot
-                eps_i = epsilon / (w.shape[0] - 1)
-                c_w, c_h = _uniform_and_onehot_products(h.to(acc), w.to(acc), target, keep, -eps_i, 1 - epsilon - eps_i)
+                    grad_w += p.t() @ h[rows]  # accumulated in float32
+            if grads and full:  # softmax - q = softmax - ε/(V-1)·1 - (1 - ε - ε/(V-1))·onehot
+                c_w, c_h = _uniform_and_onehot_products(h, w, target, keep, -eps_i, 1 - epsilon - eps_i)
                 grad_h.mul_(keep.unsqueeze(1)).add_(c_w)
                 grad_w.add_(c_h)
         ctx.grads, ctx.epsilon = (grad_h, grad_w), epsilon
@@ -165,7 +180,7 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
                 hidden.to(grad_h.dtype), weight.to(grad_h.dtype), target, keep, eps_i, eps + eps_i
             )
             grad_h.add_(b * d_w), grad_w.add_(b * d_h)
-        return grad_h.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None, None
+        return grad_h.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None, None, None
 
 
 def projected_label_smoothed_nll_loss(
@@ -177,5 +192,7 @@ def projected_label_smoothed_nll_loss(
     target = target.reshape(-1)  # (N,)
     keep = target.ne(ignore_index)
     chunk = max(1, CHUNK_ELEMENTS.get(hidden.device.type, CHUNK_ELEMENTS["cuda"]) // V)
-    loss, nll = _ProjectedSmoothedCrossEntropy.apply(hidden.reshape(-1, d), weight, target, keep, float(epsilon), chunk)
+    loss, nll = _ProjectedSmoothedCrossEntropy.apply(
+        hidden.reshape(-1, d), weight, target, keep, float(epsilon), chunk, torch.is_grad_enabled()
+    )
     return LossSums(loss=loss, nll=nll, tokens=keep.sum())
