@@ -134,6 +134,12 @@ def test_zero_max_length_gives_the_empty_hypothesis_scored_by_its_eos(model, sou
     assert greedy_search(model, sources[:3], max_len_a=0.0, max_len_b=0) == [[], [], []]
 
 
+def test_empty_batch_gives_no_results(model, sources):
+    empty = sources[:0]  # (0, S): e.g. the last shard of a split smaller than the number of workers
+    assert greedy_search(model, empty) == []
+    assert beam_search(model, empty, beam=4) == []
+
+
 def test_model_that_prefers_eos_first_returns_the_empty_hypothesis():
     torch.manual_seed(0)
     m = Transformer(make_config("tiny", V, dropout=0.0)).eval()

@@ -84,6 +84,8 @@ def _force_rows(t: int, max_len: Tensor, max_len_min: int, beam: int) -> Tensor 
 def greedy_search(model: Transformer, src: Tensor, max_len_a: float = 1.0, max_len_b: int = 50) -> list[list[int]]:
     """The most probable next token at each step, for each sentence of src (N, S) padded with pad_id."""
     N, device = src.shape[0], src.device
+    if N == 0:
+        return []
     limits = max_output_lengths(src, max_len_a, max_len_b, model.cfg.max_positions)
     state = model.init_state(model.encode(src), max(limits) + 1)
     max_len = torch.tensor(limits, device=device)  # (n,) for the sentences still in the batch
@@ -172,6 +174,8 @@ def beam_search(
     `nbest` best finished hypotheses, best first (see the module docstring for the conventions)."""
     _check_args(beam, nbest, alpha, length_penalty, stop)
     N, k, device = src.shape[0], beam, src.device
+    if N == 0:
+        return []
     limits = max_output_lengths(src, max_len_a, max_len_b, model.cfg.max_positions)
     T = max(limits)
     lp = penalty_table(length_penalty, alpha, T + 1, device)  # (T+2,)
