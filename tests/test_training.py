@@ -66,12 +66,13 @@ class Record(Hooks):
         self.checkpoints.append(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
 
 
+THREE_MICRO = train_cfg(update_tokens=180, max_updates=3)
+
+
 def _worker(rank, world_size, init_file, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
-    trainer = Trainer(
-        model_cfg(), train_cfg(max_updates=3), tiny_corpus(), tiny_corpus(16, 1), wrap=DistributedDataParallel
-    )
+    trainer = Trainer(model_cfg(), THREE_MICRO, tiny_corpus(), tiny_corpus(16, 1), wrap=DistributedDataParallel)
     hooks = Record()
     trainer.fit(hooks)
     if rank == 0:
@@ -87,8 +88,10 @@ def _worker(rank, world_size, init_file, out):
 
 
 def test_two_gloo_workers_match_one_worker(tmp_path):
-    single = Trainer(model_cfg(), train_cfg(max_updates=3), tiny_corpus(), tiny_corpus(16, 1))
-    assert single.plan.micro_per_update == 2  # 1 worker accumulates 2 micro-batches, 2 workers 1 each
+    single = Trainer(model_cfg(), THREE_MICRO, tiny_corpus(), tiny_corpus(16, 1))
+    # 1 worker accumulates 3 micro-batches; of 2 workers, rank 0 takes micro-batches 0 and 2 (the first under
+    # DDP's no_sync), rank 1 takes micro-batch 1 and a dummy batch of weight 0, so both make 2 backward calls.
+    assert single.plan.micro_per_update == 3 and single.plan.accumulation(2) == 2
     hooks = Record()
     single.fit(hooks)
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2)
