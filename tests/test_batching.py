@@ -96,6 +96,22 @@ def test_positions_walk_through_epochs():
     assert plan.target_tokens(plan.epoch(1)[0]) == sum(int(tgt[m].sum()) for m in plan.epoch(1)[0])
 
 
+def test_target_tokens_is_the_loss_denominator_of_the_collated_batches():
+    # Every rank divides its loss sums by target_tokens (no communication): it must count exactly the non-pad
+    # targets that collate hands to the loss.
+    rng = np.random.default_rng(4)
+
+    def sentence(longest: int) -> list[int]:
+        return rng.integers(4, 50, rng.integers(1, longest)).tolist() + [EOS_ID]
+
+    pairs = [(sentence(12), sentence(15)) for _ in range(60)]
+    corpus = PackedCorpus.from_pairs(pairs)
+    plan = BatchPlan([len(s) for s, _ in pairs], [len(t) for _, t in pairs], 120, 60, seed=2)
+    for global_batch in plan.epoch(1):
+        collated = sum(int(collate(corpus, m).tgt_out.ne(PAD_ID).sum()) for m in global_batch)
+        assert plan.target_tokens(global_batch) == collated
+
+
 def whitespace_lengths(path):
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     return (np.array([len(r[k].split()) + 1 for r in rows]) for k in ("en", "de"))

@@ -20,6 +20,8 @@ def _model(arch: str = "tiny") -> Transformer:
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
+        # Training moves the pad row through the tied output projection, so a trained one is not zero.
+        model.embed.weight[model.cfg.pad_id].normal_(0.0, model.cfg.d_model**-0.5)
     return model
 
 
