@@ -4,6 +4,7 @@ and counted, and the state loads with `torch.load(weights_only=True)`."""
 import io
 import math
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -115,6 +116,16 @@ def without_key_bias(name, t):
     if name.endswith("kv_proj.bias"):  # [key | value]
         return t[t.shape[0] // 2 :]
     return t
+
+
+def test_resuming_on_another_number_of_workers_warns_that_masks_differ():
+    trainer = Trainer(model_cfg(0.3), train_cfg(), tiny_corpus(), tiny_corpus(16, 1))
+    state = trainer.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.load_state_dict(state)  # the same world size: silent
+    with pytest.warns(UserWarning, match="2 workers on 1"):
+        trainer.load_state_dict({**state, "world_size": 2})
 
 
 def test_resume_from_a_checkpoint_is_bit_exact():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -272,6 +273,12 @@ class Trainer:
         self.position = Position(**state["position"])
         self.history = {k: list(v) for k, v in state["history"].items()}
         set_rng_state(state["rng"])
+        if state["world_size"] != self.world_size:
+            warnings.warn(
+                f"resuming a run of {state['world_size']} workers on {self.world_size}: the data order and the "
+                "gradients are the same, the dropout masks (drawn per rank) are not, so the run is not replayed",
+                stacklevel=2,
+            )
         self._last_checkpoint = (self.update, time.time())
         self._last_valid_update = self.history["valid"][-1]["update"] if self.history["valid"] else -1
         # Marks missed while the workers restarted are skipped: a snapshot stands for the time it is labelled.
