@@ -46,9 +46,9 @@ def corpus(tmp_path_factory):
 def test_a_short_run_on_2000_pairs_halves_the_validation_loss(corpus):
     train, valid = corpus
     # The loss is the cross-entropy (no label smoothing, whose floor would hide how much was learnt); peak lr
-    # 0.4 * 128^-0.5 * 100^-0.5 = 3.5e-3. Measured: 6.74 at the start, 2.80-2.99 after 400 updates for seeds 1-3
-    # with either dropout mask generator (half is 3.37). A warm-up of 30 (peak 6.5e-3) was seed-sensitive:
-    # 3.1-3.3 for most seeds, 4.3 for one whose first 100 updates stalled.
+    # 0.4 * 128^-0.5 * 100^-0.5 = 3.5e-3. Measured: 6.7-6.8 at the start, 2.80-2.99 after 400 updates for seeds
+    # 1-3 with each dropout mask tried (bernoulli_, 32- and 16-bit thresholds; half is 3.37). A warm-up of 30 (peak
+    # 6.5e-3) was seed-sensitive: 3.1-3.3 for most seeds, 4.3 for one whose first 100 updates stalled.
     model = make_config("tiny", VOCAB, d_model=128, d_ff=256, heads=4, encoder_layers=2, decoder_layers=2, dropout=0.1)
     cfg = TrainingConfig(
         update_tokens=1024, max_tokens=1024, max_updates=400, warmup=100, lr_factor=0.4, label_smoothing=0.0,
