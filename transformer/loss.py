@@ -106,8 +106,8 @@ def _minus_smoothed_target_(p: Tensor, target: Tensor, keep: Tensor, u: float, c
 class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
     """(loss, nll) of logits = hidden (N, d) · weightᵀ (V, d), chunk by chunk. With gradients needed, forward
     also forms the gradients of `loss`, (softmax - q)·W and (softmax - q)ᵀ·h over kept rows. As softmax - q =
-    softmax - ε/(V-1)·1 - (1-ε-ε/(V-1))·onehot, only the softmax goes through the GEMMs; the rest is a cheap
-    correction (`_uniform_and_onehot_products`)."""
+    softmax - ε/(V-1)·1 - (1-ε-ε/(V-1))·onehot, in float32 only the softmax goes through the GEMMs and the rest is
+    a cheap correction (`_uniform_and_onehot_products`); with bf16 GEMMs softmax - q is formed before rounding."""
 
     @staticmethod
     def forward(
