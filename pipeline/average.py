@@ -3,7 +3,8 @@
     python -m pipeline.average --checkpoints models/checkpoints --bpe data/bpe --out models/average.pt
 
 "Last" is by update number (from the file names `checkpoint_{update:08d}.pt`), never by modification time,
-which copies and `dvc checkout` change. The output holds the averaged weights, the model config and the
+which copies and `dvc checkout` change. `average.last_minutes` / `average.last_share` choose by training time
+instead (each checkpoint's `elapsed_s`), so a preset averages the same part of a 20- or a 60-minute budget. The output holds the averaged weights, the model config and the
 sentencepiece model it was trained with (its path, sha256 and bytes), so it translates on its own; it is
 also logged to MLflow as a pyfunc model.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from pipeline.params import load_params
+from pipeline.params import AverageParams, load_params
 from pipeline.pyfunc import log_translation_model
 from pipeline.tracking import stage_run
 from transformer.checkpoint import average_checkpoints, save_model
@@ -51,6 +52,39 @@ def select_last(checkpoints: list[tuple[int, Path]], last: int) -> list[tuple[in
     return checkpoints[-last:]
 
 
+def training_minutes(checkpoints: list[tuple[int, Path]]) -> list[float]:
+    """Minutes of training at each checkpoint (oldest update first), on one clock across resumed stages.
+
+    A checkpoint's `elapsed_s` counts from the start of the stage that wrote it. A stage that resumes starts from
+    the newest checkpoint, the one before its own first, and its clock starts again: where the clock goes back,
+    the new reading is the time since that checkpoint. Only the metadata is read; the weights stay mapped."""
+    minutes, total, previous = [], 0.0, None
+    for _, path in checkpoints:
+        elapsed = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("elapsed_s")
+        if elapsed is None:
+            raise ValueError(
+                f"{path}: no 'elapsed_s' (a checkpoint from before it was recorded): average by count, "
+                "with average.last set and average.last_minutes and average.last_share null"
+            )
+        total += elapsed if previous is None or elapsed < previous else elapsed - previous
+        previous = elapsed
+        minutes.append(total / 60.0)
+    return minutes
+
+
+def select(checkpoints: list[tuple[int, Path]], rule: AverageParams) -> list[tuple[int, Path]]:
+    """The checkpoints `rule` names: the last `last`, or those of a window of training time (at most `last`)."""
+    if rule.last_minutes is None and rule.last_share is None:
+        return select_last(checkpoints, rule.last)
+    minutes = training_minutes(checkpoints)
+    window = rule.last_minutes if rule.last_minutes is not None else rule.last_share * minutes[-1]
+    chosen = [c for c, m in zip(checkpoints, minutes, strict=True) if m >= minutes[-1] - window]
+    if rule.last is not None:
+        chosen = chosen[-rule.last :]
+    log.info("the last %.1f minutes of training (to minute %.1f) hold %d checkpoints", window, minutes[-1], len(chosen))
+    return chosen
+
+
 def bpe_reference(bpe_dir: Path) -> dict:
     """The sentencepiece model, by path (relative to the working directory), sha256 and bytes.
 
@@ -68,9 +102,9 @@ def bpe_reference(bpe_dir: Path) -> dict:
     }
 
 
-def average(checkpoints: Path, bpe_dir: Path, out: Path, last: int, languages: dict[str, str]) -> dict:
+def average(checkpoints: Path, bpe_dir: Path, out: Path, rule: AverageParams, languages: dict[str, str]) -> dict:
     """Write the averaged model file; returns what was averaged (for logs and metrics)."""
-    chosen = select_last(find_checkpoints(checkpoints), last)
+    chosen = select(find_checkpoints(checkpoints), rule)
     state, config = average_checkpoints([path for _, path in chosen])
     summary = {"checkpoints": [path.name for _, path in chosen], "updates": [u for u, _ in chosen]}
     save_model(out, (state, config), extra={"bpe": bpe_reference(bpe_dir), "languages": languages, **summary})
@@ -88,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params()
     languages = {"source": params.data.source_lang, "target": params.data.target_lang}
     with stage_run("average", params, ("average",)):
-        summary = average(args.checkpoints, args.bpe, args.out, params.average.last, languages)
+        summary = average(args.checkpoints, args.bpe, args.out, params.average, languages)
         mlflow.log_metrics({"checkpoints_averaged": len(summary["updates"]), "last_update": summary["updates"][-1]})
         mlflow.log_dict(summary, "average.json")
         mlflow.log_artifact(str(args.bpe / SPM_FILE), artifact_path="bpe")

@@ -132,9 +132,23 @@ class TrainParams(Section):
 
 
 class AverageParams(Section):
-    """`average`: §6.1 averages the last 5 (base) or 20 (big) checkpoints."""
+    """`average`: §6.1 averages the last 5 (base) or 20 (big) checkpoints, written at 10-minute intervals.
 
-    last: PositiveInt = 5
+    Not in the paper: a window of training time instead of a count, so that one preset averages the same part
+    of any budget. `last_minutes` keeps the checkpoints of the last M minutes of training, `last_share` those of
+    the last share f of it; `last`, when also set, then caps their number."""
+
+    last: PositiveInt | None = 5
+    last_minutes: Annotated[float, Field(gt=0)] | None = None
+    last_share: Annotated[float, Field(gt=0, le=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> AverageParams:
+        if self.last_minutes is not None and self.last_share is not None:
+            raise ValueError("set last_minutes or last_share, not both")
+        if self.last is None and self.last_minutes is None and self.last_share is None:
+            raise ValueError("set last, last_minutes or last_share: which checkpoints to average")
+        return self
 
 
 class DecodeParams(Section):

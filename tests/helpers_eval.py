@@ -59,9 +59,9 @@ def tiny_model(seed: int = 0) -> Transformer:
     return Transformer(cfg).eval()
 
 
-def write_checkpoint(folder: Path, update: int, state: dict, config: dict) -> Path:
+def write_checkpoint(folder: Path, update: int, state: dict, config: dict, elapsed_s: float | None = None) -> Path:
     path = folder / f"checkpoint_{update:08d}.pt"
-    save_atomic({"model": state, "config": config, "update": update, "optimizer": {}}, path)
+    save_atomic({"model": state, "config": config, "update": update, "optimizer": {}, "elapsed_s": elapsed_s}, path)
     return path
 
 

@@ -10,15 +10,17 @@ import torch
 from helpers_eval import make_workspace, mlflow_store, tiny_model, write_checkpoint, write_params
 
 from pipeline import average as stage
+from pipeline.params import AverageParams, ParamsError, parse_params
 from transformer.checkpoint import load_model
 
 
-def constant_checkpoints(folder, values_by_update):
-    """Checkpoints whose every floating-point parameter is the constant given for its update."""
+def constant_checkpoints(folder, values_by_update, elapsed_s=None):
+    """Checkpoints whose every floating-point parameter is the constant given for its update; `elapsed_s`, one
+    per update, is each one's reading of its stage clock."""
     model = tiny_model()
-    for update, value in values_by_update.items():
+    for i, (update, value) in enumerate(values_by_update.items()):
         state = {k: torch.full_like(v, value) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-        write_checkpoint(folder, update, state, model.cfg.to_dict())
+        write_checkpoint(folder, update, state, model.cfg.to_dict(), None if elapsed_s is None else elapsed_s[i])
     return model
 
 
@@ -85,7 +87,7 @@ def test_fewer_checkpoints_than_requested_uses_all_and_says_so(tmp_path, caplog)
     make_workspace(tmp_path, updates=())
     constant_checkpoints(tmp_path / "ckpt", {10: 1.0, 20: 5.0})
     with caplog.at_level(logging.WARNING, logger="pipeline.average"):
-        summary = stage.average(tmp_path / "ckpt", tmp_path / "data" / "bpe", tmp_path / "avg.pt", 5, {})
+        summary = stage.average(tmp_path / "ckpt", tmp_path / "data" / "bpe", tmp_path / "avg.pt", AverageParams(last=5), {})
     assert summary["updates"] == [10, 20]
     assert "only 2 checkpoints" in caplog.text
     model, extra = load_model(tmp_path / "avg.pt")
@@ -101,3 +103,62 @@ def test_clear_errors_for_missing_inputs(tmp_path):
         stage.find_checkpoints(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="spm.model: sentencepiece model not found"):
         stage.bpe_reference(tmp_path)
+
+
+# Checkpoints every 2 minutes of a 10-minute stage, update k*100 holding the constant k.
+EVERY_2_MINUTES = {100: 1.0, 200: 2.0, 300: 3.0, 400: 4.0, 500: 5.0}
+ELAPSED = [120.0, 240.0, 360.0, 480.0, 600.0]
+
+
+def chosen_updates(folder, **rule):
+    return [u for u, _ in stage.select(stage.find_checkpoints(folder), AverageParams(**rule))]
+
+
+def test_last_minutes_and_last_share_choose_by_training_time(tmp_path):
+    constant_checkpoints(tmp_path, EVERY_2_MINUTES, ELAPSED)
+    assert chosen_updates(tmp_path, last=None, last_minutes=4.0) == [300, 400, 500]  # minutes 6, 8, 10
+    assert chosen_updates(tmp_path, last=None, last_minutes=3.9) == [400, 500]
+    assert chosen_updates(tmp_path, last=None, last_share=0.5) == [300, 400, 500]  # the last 5 of 10 minutes
+    assert chosen_updates(tmp_path, last=None, last_share=1.0) == [100, 200, 300, 400, 500]
+    assert chosen_updates(tmp_path, last=2, last_minutes=4.0) == [400, 500]  # `last` caps the window
+    assert chosen_updates(tmp_path, last=2) == [400, 500]  # the paper's rule is unchanged
+
+
+def test_a_window_spans_a_resumed_stage_whose_clock_started_again(tmp_path):
+    # The stage died after update 300 (minute 6) and a new stage resumed from it: its clock reads 100 s and
+    # 220 s at updates 400 and 500, i.e. training minutes 6 + 1.67 and 6 + 3.67.
+    constant_checkpoints(tmp_path, EVERY_2_MINUTES, [120.0, 240.0, 360.0, 100.0, 220.0])
+    minutes = stage.training_minutes(stage.find_checkpoints(tmp_path))
+    assert minutes == pytest.approx([2.0, 4.0, 6.0, 6.0 + 100 / 60, 6.0 + 220 / 60])
+    assert chosen_updates(tmp_path, last=None, last_minutes=4.0) == [300, 400, 500]  # from minute 5.67
+
+
+def test_the_stage_averages_the_window(workspace):
+    constant_checkpoints(workspace / "models" / "checkpoints", EVERY_2_MINUTES, ELAPSED)
+    summary = stage.average(
+        workspace / "models" / "checkpoints", workspace / "data" / "bpe", workspace / "avg.pt",
+        AverageParams(last=None, last_minutes=4.0), {},
+    )  # fmt: skip
+    assert summary["updates"] == [300, 400, 500]
+    model, _ = load_model(workspace / "avg.pt")
+    assert all(torch.equal(v, torch.full_like(v, 4.0)) for v in floats(model.state_dict()))  # (3 + 4 + 5) / 3
+
+
+def test_a_window_over_checkpoints_without_a_clock_says_what_to_do(tmp_path):
+    constant_checkpoints(tmp_path, {100: 1.0, 200: 2.0})
+    with pytest.raises(ValueError, match=r"checkpoint_00000100.pt: no 'elapsed_s'.*average.last"):
+        chosen_updates(tmp_path, last=None, last_share=0.3)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"last_minutes": 5.0, "last_share": 0.3}, "not both"),
+        ({"last": None}, "set last, last_minutes or last_share"),
+        ({"last_share": 1.5}, "last_share"),
+        ({"last_minutes": 0}, "last_minutes"),
+    ],
+)
+def test_bad_average_rules_name_the_section(section, message):
+    with pytest.raises(ParamsError, match=rf"average.*{message}|{message}.*average"):
+        parse_params({"average": section})

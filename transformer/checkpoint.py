@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -44,38 +44,48 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
-def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def average_state_dicts(states: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Element-wise mean of parameters (§6.1); accumulated in float64 so the order of files does not matter
-    to float32 precision, then cast back to each tensor's dtype."""
-    if not states:
-        raise ValueError("no checkpoints to average")
-    keys = list(states[0])
-    for i, s in enumerate(states[1:], start=1):
-        if list(s) != keys:
+    to float32 precision, then cast back to each tensor's dtype. States are consumed one at a time: averaging
+    the big model's last 20 checkpoints holds two of them in memory, not 20."""
+    keys: list[str] = []
+    total: dict[str, torch.Tensor] = {}  # float64 sums of the floating-point entries
+    kept: dict[str, torch.Tensor] = {}  # the other entries (integer buffers), copied from the first state
+    dtypes: dict[str, torch.dtype] = {}
+    n = 0
+    for i, s in enumerate(states):
+        if i == 0:
+            keys = list(s)
+            for k, v in s.items():
+                if v.is_floating_point():
+                    total[k], dtypes[k] = torch.zeros(v.shape, dtype=torch.float64), v.dtype
+                else:
+                    kept[k] = v.clone()
+        elif list(s) != keys:
             raise ValueError(f"checkpoint {i} has different parameters from checkpoint 0")
-    out = {}
-    for k in keys:
-        ref = states[0][k]
-        if not ref.is_floating_point():
-            out[k] = ref.clone()
-            continue
-        total = torch.zeros(ref.shape, dtype=torch.float64)
-        for s in states:
-            if s[k].shape != ref.shape:
-                raise ValueError(f"parameter {k} has shape {tuple(s[k].shape)}, expected {tuple(ref.shape)}")
-            total += s[k].to(torch.float64)
-        out[k] = (total / len(states)).to(ref.dtype)
-    return out
+        for k, acc in total.items():
+            if s[k].shape != acc.shape:
+                raise ValueError(f"parameter {k} has shape {tuple(s[k].shape)}, expected {tuple(acc.shape)}")
+            acc += s[k].to(torch.float64)
+        n += 1
+    if n == 0:
+        raise ValueError("no checkpoints to average")
+    return {k: (total[k] / n).to(dtypes[k]) if k in total else kept[k] for k in keys}
 
 
 def average_checkpoints(paths: Sequence[str | Path]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Average the `model` entries of training checkpoints; returns (state_dict, config dict)."""
-    ckpts = [load(p) for p in paths]
-    configs = [c["config"] for c in ckpts]
-    for p, c in zip(paths, configs, strict=True):
-        if c != configs[0]:
-            raise ValueError(f"{p}: model config differs from {paths[0]}; cannot average")
-    return average_state_dicts([c["model"] for c in ckpts]), configs[0]
+    """Average the `model` entries of training checkpoints, read one at a time; returns (state_dict, config)."""
+    configs: list[dict] = []
+
+    def states() -> Iterator[dict[str, torch.Tensor]]:
+        for p in paths:
+            ckpt = load(p)
+            if configs and ckpt["config"] != configs[0]:
+                raise ValueError(f"{p}: model config differs from {paths[0]}; cannot average")
+            configs.append(ckpt["config"])
+            yield ckpt["model"]
+
+    return average_state_dicts(states()), configs[0]
 
 
 def save_model(path: str | Path, model: Transformer | tuple[dict, dict], extra: dict | None = None) -> None:
