@@ -4,9 +4,9 @@
 
 "Last" is by update number (from the file names `checkpoint_{update:08d}.pt`), never by modification time,
 which copies and `dvc checkout` change. `average.last_minutes` / `average.last_share` choose by training time
-instead (each checkpoint's `elapsed_s`), so a preset averages the same part of a 20- or a 60-minute budget. The output holds the averaged weights, the model config and the
-sentencepiece model it was trained with (its path, sha256 and bytes), so it translates on its own; it is
-also logged to MLflow as a pyfunc model.
+instead (each checkpoint's `elapsed_s`), so a preset averages the same part of a 20- or a 60-minute budget.
+The output holds the averaged weights, the model config and the sentencepiece model it was trained with (its
+path, sha256 and bytes), so it translates on its own; it is also logged to MLflow as a pyfunc model.
 """
 
 from __future__ import annotations

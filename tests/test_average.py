@@ -87,7 +87,9 @@ def test_fewer_checkpoints_than_requested_uses_all_and_says_so(tmp_path, caplog)
     make_workspace(tmp_path, updates=())
     constant_checkpoints(tmp_path / "ckpt", {10: 1.0, 20: 5.0})
     with caplog.at_level(logging.WARNING, logger="pipeline.average"):
-        summary = stage.average(tmp_path / "ckpt", tmp_path / "data" / "bpe", tmp_path / "avg.pt", AverageParams(last=5), {})
+        summary = stage.average(
+            tmp_path / "ckpt", tmp_path / "data" / "bpe", tmp_path / "avg.pt", AverageParams(last=5), {}
+        )
     assert summary["updates"] == [10, 20]
     assert "only 2 checkpoints" in caplog.text
     model, extra = load_model(tmp_path / "avg.pt")
