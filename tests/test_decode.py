@@ -10,6 +10,7 @@ from helpers_eval import make_workspace, mlflow_store, write_params
 
 from pipeline import decode as stage
 from pipeline.average import average
+from pipeline.params import AverageParams
 from pipeline.translate import SearchOptions, Translator, read_lines, token_batches
 
 
@@ -18,7 +19,13 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     make_workspace(tmp_path, n_test=12)
-    average(tmp_path / "models" / "checkpoints", tmp_path / "data" / "bpe", tmp_path / "models" / "average.pt", 3, {})
+    average(
+        tmp_path / "models" / "checkpoints",
+        tmp_path / "data" / "bpe",
+        tmp_path / "models" / "average.pt",
+        AverageParams(last=3),
+        {},
+    )
     write_params(tmp_path, mlflow_store())
     # A tiny model: one thread is several times faster than two contending with other jobs.
     threads = torch.get_num_threads()

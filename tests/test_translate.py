@@ -7,6 +7,7 @@ import pytest
 from helpers_eval import make_workspace
 
 from pipeline.average import average
+from pipeline.params import AverageParams
 from pipeline.translate import SearchOptions, Translator
 
 SENTENCES = ["A man is walking.", "", "Two dogs play in the snow.", "A girl."]
@@ -16,7 +17,7 @@ SENTENCES = ["A man is walking.", "", "Two dogs play in the snow.", "A girl."]
 def model_file(tmp_path_factory):
     root = tmp_path_factory.mktemp("translate")
     make_workspace(root, n_test=4)
-    average(root / "models" / "checkpoints", root / "data" / "bpe", root / "average.pt", 3, {})
+    average(root / "models" / "checkpoints", root / "data" / "bpe", root / "average.pt", AverageParams(last=3), {})
     return root / "average.pt"
 
 
