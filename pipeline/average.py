@@ -15,35 +15,21 @@ import argparse
 import hashlib
 import logging
 import os
-import re
 from pathlib import Path
 
 import mlflow
+import sentencepiece as spm
 import torch
 
-from pipeline.params import AverageParams, load_params
+from pipeline.inspection import choose_samples, inspect_model, log_inspection
+from pipeline.layout import SPM_FILE, find_checkpoints
+from pipeline.params import AverageParams, Params, load_params
 from pipeline.pyfunc import log_translation_model
 from pipeline.tracking import stage_run
-from transformer.checkpoint import average_checkpoints, save_model
+from pipeline.translate import read_lines
+from transformer.checkpoint import average_checkpoints, load_model, save_model
 
 log = logging.getLogger("pipeline.average")
-
-CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
-SPM_FILE = "spm.model"
-
-
-def find_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """(update, path) of every `checkpoint_<update>.pt` in `folder`, oldest update first."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: checkpoint folder not found (run the train stage first)")
-    found = []
-    for path in folder.iterdir():
-        m = CHECKPOINT_NAME.match(path.name)
-        if m and path.is_file():
-            found.append((int(m.group(1)), path))
-    if not found:
-        raise FileNotFoundError(f"{folder}: no checkpoint_<update>.pt files to average")
-    return sorted(found)
 
 
 def select_last(checkpoints: list[tuple[int, Path]], last: int) -> list[tuple[int, Path]]:
@@ -112,11 +98,26 @@ def average(checkpoints: Path, bpe_dir: Path, out: Path, rule: AverageParams, la
     return summary
 
 
+def inspect_average(model_file: Path, bpe_dir: Path, raw: Path, params: Params, update: int) -> None:
+    """The averaged model's attention grids and translations of the validation sentences the train stage
+    inspects, logged to the active run at step `update` (its last checkpoint), beside the train run's."""
+    count = params.train.inspect_sentences
+    if not count:
+        return
+    sp = spm.SentencePieceProcessor(model_file=str(bpe_dir / SPM_FILE))
+    data = params.data
+    sources, references = (read_lines(raw / f"valid.{lang}") for lang in (data.source_lang, data.target_lang))
+    model, _ = load_model(model_file)
+    found = inspect_model(model, sp, choose_samples(sources, references, sp, count))
+    log_inspection(mlflow.MlflowClient(), mlflow.active_run().info.run_id, found, update)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoints", type=Path, required=True)
     p.add_argument("--bpe", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--raw", type=Path, default=None, help="data/raw: validation sentences to inspect")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     params = load_params()
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         # The paper's search settings (§6.1) as defaults: this stage does not depend on `decode` params,
         # and callers override them per request (`params={"beam": 2}`).
         log_translation_model(args.out, args.bpe / SPM_FILE, languages)
+        if args.raw is not None:
+            inspect_average(args.out, args.bpe, args.raw, params, summary["updates"][-1])
 
 
 if __name__ == "__main__":

@@ -25,11 +25,10 @@ import sentencepiece as spm
 from sacrebleu.metrics import BLEU, CHRF
 
 from pipeline.atomic import atomic_path, write_csv_atomic
-from pipeline.average import SPM_FILE, find_checkpoints
-from pipeline.decode import search_options
+from pipeline.layout import SPM_FILE, find_checkpoints
 from pipeline.params import Params, load_params
 from pipeline.tracking import stage_run
-from pipeline.translate import SearchOptions, Translator, read_lines
+from pipeline.translate import SearchOptions, Translator, read_lines, search_options
 from transformer.checkpoint import load, load_model
 
 log = logging.getLogger("pipeline.curve")

@@ -19,17 +19,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline.atomic import write_text_atomic
-from pipeline.params import DecodeParams, load_params
+from pipeline.params import load_params
 from pipeline.tracking import log_stage_metrics, stage_run
-from pipeline.translate import SearchOptions, Translator, read_lines
+from pipeline.translate import Translator, read_lines, search_options
 
 log = logging.getLogger("pipeline.decode")
-
-
-def search_options(d: DecodeParams) -> SearchOptions:
-    return SearchOptions(
-        beam=d.beam, alpha=d.alpha, max_len_a=d.max_len_a, max_len_b=d.max_len_b, max_tokens=d.max_tokens
-    )
 
 
 def decode_sentences(translator: Translator, sentences: list[str], out: Path) -> dict:

@@ -109,6 +109,10 @@ class TrainParams(Section):
     snapshot_every_minutes: Annotated[float, Field(gt=0)] | None = None
     keep_checkpoints: PositiveInt = 20
     validate_every_updates: PositiveInt = 1000
+    # Not in the paper: at every validation, the attention grids and greedy translations of this many fixed
+    # validation sentences go to MLflow (pipeline/inspection.py), and the average stage logs them for the
+    # averaged model; 0: none.
+    inspect_sentences: NonNegInt = 3
     log_every_updates: PositiveInt = 100
     workers: Literal["auto"] | PositiveInt = "auto"  # auto: every GPU in the cluster, else 1 CPU worker
     use_gpu: Literal["auto"] | bool = "auto"

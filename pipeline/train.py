@@ -33,6 +33,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from pipeline.atomic import atomic_path, write_csv_atomic, write_text_atomic
+from pipeline.layout import checkpoint_name
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.tracking import git_commit, stage_run, tracking_uri
 from pipeline.train_worker import CHECKPOINT_FILE, snapshot_folder, train_loop_per_worker
@@ -46,7 +47,8 @@ TRAIN_PLOT, VALID_PLOT = Path("plots/train.csv"), Path("plots/valid.csv")
 # Keys that do not change which weights a run produces: a rerun that differs only in these resumes.
 NOT_TRAJECTORY = {
     "max_updates", "max_epochs", "max_minutes", "checkpoint_every_minutes", "checkpoint_every_updates",
-    "snapshot_every_minutes", "keep_checkpoints", "validate_every_updates", "log_every_updates", "workers",
+    "snapshot_every_minutes", "keep_checkpoints", "validate_every_updates", "inspect_sentences", "log_every_updates",
+    "workers",
     "use_gpu", "cpus_per_worker", "accelerator_type",
     "compile", "max_bad_updates", "storage_path", "run_name", "crash_at_update", "max_failures",
 }  # fmt: skip
@@ -133,7 +135,28 @@ def system_tags(scaling_config: ray.train.ScalingConfig, run_name: str) -> dict[
     }
 
 
-def fit(params: Params, data: Path, run_id: str, stage_start: float) -> tuple[ray.train.Result, int]:
+def inspection_config(params: Params, raw: Path | None, bpe: Path | None) -> dict | None:
+    """What the workers need to log attention grids and sample translations: the sentencepiece model's bytes and
+    the fixed validation sentences (`train.inspect_sentences`; 0, or no --raw/--bpe: none)."""
+    count = params.train.inspect_sentences
+    if not count or raw is None or bpe is None:
+        return None
+    import sentencepiece as spm
+
+    from pipeline.inspection import choose_samples
+    from pipeline.translate import read_lines
+
+    proto = (bpe / "spm.model").read_bytes()
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    data = params.data
+    sources, references = (read_lines(raw / f"valid.{lang}") for lang in (data.source_lang, data.target_lang))
+    samples = choose_samples(sources, references, sp, count)
+    return {"spm": proto, "samples": [(s.source, s.reference) for s in samples]} if samples else None
+
+
+def fit(
+    params: Params, data: Path, run_id: str, stage_start: float, inspect: dict | None = None
+) -> tuple[ray.train.Result, int]:
     """Run (or resume) the Ray Train run of this configuration; returns its result and the number of workers."""
     meta, train_data, valid_data = load_data(data)
     model_cfg = make_config(params.model.arch, meta["vocab_size"], **params.model.overrides())
@@ -151,6 +174,7 @@ def fit(params: Params, data: Path, run_id: str, stage_start: float) -> tuple[ra
         "tracking_uri": tracking_uri(params),
         "run_id": run_id,
         "crash_at_update": train.crash_at_update,
+        "inspect": inspect,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -188,7 +212,7 @@ def write_checkpoints(states: list[dict], out: Path) -> None:
         tmp.mkdir()
         for s in states:
             slim = {k: s[k] for k in ("model", "config", "update", "tokens")} | {"elapsed_s": s.get("elapsed_s")}
-            save_atomic(slim, tmp / f"checkpoint_{s['update']:08d}.pt")
+            save_atomic(slim, tmp / checkpoint_name(s["update"]))
 
 
 def write_snapshots(result: ray.train.Result, stage_start: float, out: Path) -> list[dict]:
@@ -254,12 +278,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="binarised corpus (data/bin)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the kept checkpoints")
     parser.add_argument("--snapshots", type=Path, default=Path("models/snapshots"), help="folder for snapshots")
+    parser.add_argument("--raw", type=Path, default=None, help="data/raw: validation sentences to inspect")
+    parser.add_argument("--bpe", type=Path, default=None, help="data/bpe: to detokenise what is inspected")
     args = parser.parse_args(argv)
     params = load_params()
+    inspect = inspection_config(params, args.raw, args.bpe)
     init_ray(params.train)
     try:
         with stage_run("train", params, ("model", "train")) as run:
-            result, workers = fit(params, args.data, run.info.run_id, stage_start)
+            result, workers = fit(params, args.data, run.info.run_id, stage_start, inspect)
             metrics = write_outputs(result, args.out, args.snapshots, stage_start, workers)
     finally:
         ray.shutdown()

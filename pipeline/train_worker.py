@@ -12,16 +12,19 @@ from __future__ import annotations
 import io
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
+import sentencepiece as spm
 import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from pipeline.inspection import Sample, inspect_model, log_inspection
 from transformer.batching import PackedCorpus
 from transformer.checkpoint import load
 from transformer.model import TransformerConfig
@@ -38,10 +41,19 @@ class InjectedCrash(RuntimeError):
 
 
 class RayHooks(Hooks):
-    def __init__(self, rank: int, world_size: int, tracking_uri: str | None, run_id: str | None, crash_at: int | None):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        tracking_uri: str | None,
+        run_id: str | None,
+        crash_at: int | None,
+        inspect: dict | None = None,
+    ):
         self.rank, self.world_size, self.crash_at = rank, world_size, crash_at
         self.client = MlflowClient(tracking_uri) if (rank == 0 and run_id) else None
         self.run_id = run_id
+        self.inspector = Inspector(inspect, tracking_uri, run_id) if (inspect and self.client is not None) else None
 
     def log(self, record: dict, keys: tuple[str, ...]) -> None:
         if self.client is None:
@@ -55,6 +67,12 @@ class RayHooks(Hooks):
 
     def on_validate(self, trainer: Trainer, record: dict) -> None:
         self.log(record, VALID_METRICS)
+        if self.inspector is not None:
+            self.inspector.log(trainer.module, trainer.update)
+
+    def close(self) -> None:
+        if self.inspector is not None:
+            self.inspector.close()
 
     def on_update(self, trainer: Trainer, step: Step) -> None:
         mine = self.crash_at is not None and trainer.update == self.crash_at and self.rank == self.world_size - 1
@@ -73,6 +91,33 @@ class RayHooks(Hooks):
     def on_snapshot(self, trainer: Trainer, snapshot: dict | None) -> None:
         if snapshot is not None:
             write_snapshot(snapshot, trainer.cfg.start_time)
+
+
+class Inspector:
+    """Rank 0's look inside the model at each validation (pipeline/inspection.py): attention grids and greedy
+    translations of the fixed validation sentences the driver chose. The maps are taken at once, from the
+    weights of this update; drawing and uploading (seconds) run in a background thread, because on a GPU
+    node every other rank would wait for rank 0 at the next all-reduce meanwhile."""
+
+    def __init__(self, config: dict, tracking_uri: str | None, run_id: str):
+        self.sp = spm.SentencePieceProcessor(model_proto=config["spm"])
+        self.samples = [Sample(source, reference) for source, reference in config["samples"]]
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id  # the thread's own client
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inspection")
+        self.pending: list[Future] = []
+
+    def log(self, model: torch.nn.Module, update: int) -> None:
+        found = inspect_model(model, self.sp, self.samples)
+        self.pending.append(self.pool.submit(log_inspection, self.client, self.run_id, found, update))
+
+    def close(self) -> None:
+        """Wait for what is still being drawn; a failure to draw or upload costs the pictures, not the run."""
+        for future in self.pending:
+            try:
+                future.result()
+            except Exception as e:  # noqa: BLE001 - any failure here must not fail a finished training run
+                print(f"warning: attention grids or sample translations not logged to MLflow: {e!r}", flush=True)
+        self.pool.shutdown()
 
 
 def snapshot_folder(experiment_fs_path: str, start_time: float) -> str:
@@ -181,8 +226,13 @@ def train_loop_per_worker(config: dict) -> dict:
                 f"{trainer.position.index})",
                 flush=True,
             )
-    hooks = RayHooks(rank, world_size, config["tracking_uri"], config["run_id"], config["crash_at_update"])
-    summary = trainer.fit(hooks)
+    hooks = RayHooks(
+        rank, world_size, config["tracking_uri"], config["run_id"], config["crash_at_update"], config.get("inspect")
+    )
+    try:
+        summary = trainer.fit(hooks)
+    finally:
+        hooks.close()
     summary["resumed_from"] = None if state is None else state["update"]
     summary["worker_nodes"] = worker_nodes(world_size)
     return {"summary": summary, "history": trainer.history}

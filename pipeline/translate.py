@@ -23,6 +23,7 @@ from typing import TextIO
 import sentencepiece as spm
 import torch
 
+from pipeline.params import DecodeParams
 from transformer import EOS_ID, PAD_ID
 from transformer.checkpoint import load_model
 from transformer.model import Transformer
@@ -38,6 +39,13 @@ class SearchOptions:
     max_len_a: float = 1.0
     max_len_b: int = 50
     max_tokens: int = 8000  # padded source tokens per batch
+
+
+def search_options(d: DecodeParams) -> SearchOptions:
+    """The `decode` section of params.yaml as search options (the decode and curve stages)."""
+    return SearchOptions(
+        beam=d.beam, alpha=d.alpha, max_len_a=d.max_len_a, max_len_b=d.max_len_b, max_tokens=d.max_tokens
+    )
 
 
 def token_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -184,6 +192,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--buffer-size", type=int, default=None, help="lines read before translating (tty: 1)")
     p.add_argument("--spm", type=Path, default=None, help="sentencepiece model, if the model file has none")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument(
+        "--show-attention",
+        type=Path,
+        default=None,
+        metavar="OUT.png",
+        help="translate one sentence and draw its decoder-encoder attention (every layer and head)",
+    )
     args = p.parse_args(argv)
     for name in ("beam", "batch_tokens", "max_len_b"):
         if getattr(args, name) < (0 if name == "max_len_b" else 1):
@@ -191,10 +206,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def show_attention(translator: Translator, args: argparse.Namespace) -> None:
+    # Imported here: inspection imports this module, and plain translation need not load matplotlib.
+    from pipeline.inspection import draw_cross_attention
+
+    lines = read_lines(args.input) if args.input is not None else sys.stdin.read().splitlines()
+    lines = [line for line in lines if line.strip()]
+    if len(lines) != 1:
+        sys.exit(f"translate: --show-attention draws one sentence; got {len(lines)} non-empty input lines")
+    write_lines([draw_cross_attention(translator, lines[0], args.show_attention)], sys.stdout)
+    print(f"decoder-encoder attention drawn to {args.show_attention}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     options = SearchOptions(args.beam, args.alpha, args.max_len_a, args.max_len_b, args.batch_tokens)
     translator = Translator.from_file(args.model, options, device=args.device, spm_path=args.spm)
+    if args.show_attention is not None:
+        show_attention(translator, args)
+        return
     if args.input is not None:
         write_lines(translator.translate(read_lines(args.input)), sys.stdout)
         return

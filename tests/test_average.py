@@ -10,6 +10,7 @@ import torch
 from helpers_eval import make_workspace, mlflow_store, tiny_model, write_checkpoint, write_params
 
 from pipeline import average as stage
+from pipeline.layout import find_checkpoints
 from pipeline.params import AverageParams, ParamsError, parse_params
 from transformer.checkpoint import load_model
 
@@ -71,7 +72,7 @@ def test_last_is_by_update_number_not_mtime(tmp_path):
     # The oldest update gets the newest mtime (as a copy could do): it must still be left out.
     os.utime(folder / "checkpoint_00000100.pt", (4e9, 4e9))
     (folder / "notes.txt").write_text("not a checkpoint")
-    chosen = stage.select_last(stage.find_checkpoints(folder), 3)
+    chosen = stage.select_last(find_checkpoints(folder), 3)
     assert [u for u, _ in chosen] == [200, 300, 400]
 
 
@@ -80,7 +81,7 @@ def test_update_numbers_sort_numerically_beyond_the_padding(tmp_path):
     folder.mkdir()
     for name in ("checkpoint_99999999.pt", "checkpoint_100000000.pt", "checkpoint_00000005.pt"):
         (folder / name).write_bytes(b"")
-    assert [u for u, _ in stage.find_checkpoints(folder)] == [5, 99999999, 100000000]
+    assert [u for u, _ in find_checkpoints(folder)] == [5, 99999999, 100000000]
 
 
 def test_fewer_checkpoints_than_requested_uses_all_and_says_so(tmp_path, caplog):
@@ -99,10 +100,10 @@ def test_fewer_checkpoints_than_requested_uses_all_and_says_so(tmp_path, caplog)
 
 def test_clear_errors_for_missing_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
-        stage.find_checkpoints(tmp_path / "nope")
+        find_checkpoints(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint_<update>.pt"):
-        stage.find_checkpoints(tmp_path / "empty")
+        find_checkpoints(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="spm.model: sentencepiece model not found"):
         stage.bpe_reference(tmp_path)
 
@@ -113,7 +114,7 @@ ELAPSED = [120.0, 240.0, 360.0, 480.0, 600.0]
 
 
 def chosen_updates(folder, **rule):
-    return [u for u, _ in stage.select(stage.find_checkpoints(folder), AverageParams(**rule))]
+    return [u for u, _ in stage.select(find_checkpoints(folder), AverageParams(**rule))]
 
 
 def test_last_minutes_and_last_share_choose_by_training_time(tmp_path):
@@ -130,7 +131,7 @@ def test_a_window_spans_a_resumed_stage_whose_clock_started_again(tmp_path):
     # The stage died after update 300 (minute 6) and a new stage resumed from it: its clock reads 100 s and
     # 220 s at updates 400 and 500, i.e. training minutes 6 + 1.67 and 6 + 3.67.
     constant_checkpoints(tmp_path, EVERY_2_MINUTES, [120.0, 240.0, 360.0, 100.0, 220.0])
-    minutes = stage.training_minutes(stage.find_checkpoints(tmp_path))
+    minutes = stage.training_minutes(find_checkpoints(tmp_path))
     assert minutes == pytest.approx([2.0, 4.0, 6.0, 6.0 + 100 / 60, 6.0 + 220 / 60])
     assert chosen_updates(tmp_path, last=None, last_minutes=4.0) == [300, 400, 500]  # from minute 5.67
 

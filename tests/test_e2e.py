@@ -137,6 +137,26 @@ def test_mlflow_holds_the_artifacts(pipeline):
     assert "metrics/score.json" in paths("score", "metrics")
 
 
+def test_mlflow_shows_attention_and_sample_translations_at_each_validation(pipeline):
+    runs = {r.data.tags.get("stage"): r for r in pipeline["runs"] if r.data.tags.get("cached") == "false"}
+    client = mlflow.MlflowClient()
+    train, average = runs["train"].info.run_id, runs["average"].info.run_id
+    # SMALL validates every 20 of 60 updates; the tiny model has 2 layers, 3 sentences are inspected.
+    images = [a.path for a in client.list_artifacts(train, "images")]
+    for update in (20, 40, 60):
+        for sentence in (1, 2, 3):
+            for layer in (1, 2):
+                key = f"images/attention~sentence_{sentence}~layer_{layer}+step+{update}+"
+                assert sum(p.startswith(key) and p.endswith(".png") for p in images) == 1, key
+    table = json.loads(Path(client.download_artifacts(train, "samples.json")).read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [(r["update"], r["sentence"]) for r in rows] == [(u, s) for u in (20, 40, 60) for s in (1, 2, 3)]
+    assert all(r["source"] and r["reference"] for r in rows)
+    # The averaged model, at the step of its last checkpoint.
+    assert any("+step+60+" in a.path for a in client.list_artifacts(average, "images"))
+    assert "samples.json" in [a.path for a in client.list_artifacts(average)]
+
+
 def test_the_logged_pyfunc_model_translates(pipeline):
     parent = max(
         (r for r in pipeline["runs"] if r.data.tags.get("kind") == "pipeline"), key=lambda r: r.info.start_time

@@ -6,6 +6,8 @@ through `F.scaled_dot_product_attention` so GPUs get fused kernels (§3.2), ReLU
 (§3.4), sinusoidal positional encoding (§3.5).
 
 Search talks to the model through a narrow interface: `encode`, `init_state`, `decode_step`, `reorder_state`.
+`transformer.attention_maps.record_attention` reads the attention weights out through another: each attention
+module's `recorder`, None (SDPA, no weights formed) unless someone is listening.
 """
 
 from __future__ import annotations
@@ -78,6 +80,18 @@ class EncoderOut(NamedTuple):
     src_mask: Tensor | None  # (B, 1, 1, S) bool, True where attention may look; None: no padding
 
 
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    """softmax(QKᵀ / √d_k) (§3.2.1) as SDPA forms it inside: `mask` (B, 1, 1, S) True where attention may look,
+    `causal` hides later keys (row i sees keys 0..i). q (B, h, T, d_k), k (B, h, S, d_k) -> (B, h, T, S)."""
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, h, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    if causal:
+        T, S = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+    return scores.softmax(dim=-1)
+
+
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O (§3.2.2); projections fused where inputs coincide."""
 
@@ -91,6 +105,9 @@ class MultiHeadAttention(nn.Module):
             self.q_proj = nn.Linear(d_model, d_model)
             self.kv_proj = nn.Linear(d_model, 2 * d_model)  # over the encoder output, computed once
         self.out_proj = nn.Linear(d_model, d_model)
+        # A list while `record_attention` listens: each call appends its weights (B, h, T_q, T_k). None otherwise,
+        # so training pays one attribute test per call and keeps SDPA's fused kernels, which never form them.
+        self.recorder: list[Tensor] | None = None
 
     def split_heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -101,7 +118,12 @@ class MultiHeadAttention(nn.Module):
         return self.split_heads(k), self.split_heads(v)  # (B, h, S, d_k) each
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, h, T, d_k)
+        if self.recorder is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, h, T, d_k)
+        else:
+            weights = attention_weights(q, k, mask, causal)  # (B, h, T, S)
+            self.recorder.append(weights.detach())
+            out = weights.to(v.dtype) @ v
         B, _, T, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.d_k))  # (B, T, d_model)
 
