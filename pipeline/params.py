@@ -160,6 +160,8 @@ class DecodeParams(Section):
     max_len_a: Annotated[float, Field(ge=0)] = 1.0
     max_len_b: NonNegInt = 50
     max_tokens: PositiveInt = 8000  # source tokens per batch
+    # Where decode and curve run: auto = cuda when torch sees a GPU, else cpu (bf16 autocast on cuda only).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class CurveParams(Section):
