@@ -223,6 +223,8 @@ def final_metrics(summary: dict, wall_time: float, workers: int) -> dict:
         "epoch": summary["epoch"],
         "stopped_by": summary["stopped_by"],
         "resumed_from_update": summary.get("resumed_from"),
+        "startup_s": summary.get("startup_s"),  # stage start to the first update (rank 0's clock)
+        "first_update_s": summary.get("first_update_s"),
         "workers": workers,
         "worker_nodes": summary.get("worker_nodes"),
         "wall_time_s": round(wall_time, 1),
