@@ -72,8 +72,8 @@ def test_sentence_lengths_follow_the_stated_lognormal():
     mu = math.log(23.0) - 0.65**2 / 2
     assert en.mean() == pytest.approx(23.0, rel=0.04)  # the lognormal's mean; rounding moves it by < 0.1%
     assert np.median(en) == pytest.approx(math.exp(mu), abs=1.0)  # 18.6
-    # German: English · exp(N(-0.08, 0.2²)), so about exp(-0.08 + 0.02) = 0.94 of the words, and correlated.
-    assert de.mean() / en.mean() == pytest.approx(math.exp(-0.08 + 0.02), abs=0.02)
+    # German: English · exp(N(-0.08, 0.15²)), so about exp(-0.08 + 0.01125) = 0.93 of the words, and correlated.
+    assert de.mean() / en.mean() == pytest.approx(math.exp(-0.08 + 0.15**2 / 2), abs=0.02)
     assert np.corrcoef(np.log(en), np.log(de))[0, 1] > 0.85
     # The share over 100 words is the lognormal's tail: 1 - Φ((ln 100 - mu) / 0.65) = 0.49%.
     tail = 1 - statistics.NormalDist().cdf((math.log(100) - mu) / 0.65)
@@ -98,6 +98,17 @@ def test_zipf_types_grow_as_the_law_says():
     counts = np.bincount(ranks, minlength=100_000)
     assert counts[0] / counts[1] == pytest.approx(2.0, rel=0.05)
     assert not np.all(np.diff(ranks) >= 0)
+
+
+def test_two_regime_zipf_changes_exponent_at_the_knee():
+    p = np.diff(gen.zipf_cdf(50_000, 1.0, knee=1000, tail=1.6), prepend=0.0)
+    assert p[99] / p[199] == pytest.approx(2.0)  # ranks 100 and 200: exponent 1
+    assert p[1999] / p[3999] == pytest.approx(2**1.6)  # ranks 2,000 and 4,000: exponent 1.6
+    assert p[999] / p[1000] == pytest.approx((1001 / 1000) ** 1.6)  # no jump at the knee
+    # At the defaults, 100M words (WMT14's English side) show about a million types: sum of 1 - exp(-N p).
+    s = gen.Shape()
+    p = np.diff(gen.zipf_cdf(s.vocab_size, s.zipf, s.zipf_knee, s.zipf_tail), prepend=0.0)
+    assert 1_000_000 <= np.sum(-np.expm1(-100e6 * p)) <= 1_100_000
 
 
 def test_vocabularies_are_distinct_words_of_their_own_letters():
