@@ -18,6 +18,9 @@ stage commands of dvc.yaml, read from dvc.yaml itself, with params.yaml composed
    trained model stops; `--decode-cap paper` keeps the paper's source + 50.
 
 Each stage's process tree (the stage, its worker pool, Ray's processes) is sampled every 0.2 s (bench/proc_tree.py).
+Run it on an idle machine: with other jobs on the cores, torch's two OpenMP threads spin-wait for each other and
+train and decode slow down several times over (measured at load 15 on 2 cores: the same 8 sentences decoded in
+5 s with 1 thread and 40 s with 2); the JSON records the load average at each stage's start.
 The script prints one markdown table with the targets of issue #17 and writes everything as JSON (`--out`).
 `--stages` runs a subset against an existing --work (e.g. `--stages train decode`); `-S key=value` adds an
 override to every stage (e.g. `-S bpe.vocab_size=8000` at small scale). Disk: the corpus about twice more
