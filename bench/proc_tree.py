@@ -36,7 +36,11 @@ def plasma_bytes(raylet: psutil.Process) -> int | None:
     try:
         with open(f"/proc/{raylet.pid}/maps", encoding="utf-8") as f:
             ranges = [line.split()[0] for line in f if "/plasma" in line]
-        return sum(os.stat(f"/proc/{raylet.pid}/map_files/{r}").st_blocks * 512 for r in ranges) or None
+        files = {}  # one file is often mapped at several addresses: count it once
+        for r in ranges:
+            st = os.stat(f"/proc/{raylet.pid}/map_files/{r}")
+            files[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+        return sum(files.values()) or None
     except OSError:
         return None
 
