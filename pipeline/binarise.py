@@ -14,11 +14,14 @@ dropped by reason.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -149,7 +152,12 @@ def binarise_split(pool, raw: Path, out: Path, split: str, langs: tuple, keep_fi
     tasks = ((s, t, keep_filter, dtype.str) for s, t in read_chunks(src_path, tgt_path))
     dropped = dict.fromkeys(DROP_REASONS, 0)
     unk = [0, 0]
-    with tqdm(total=lines, desc=f"binarise {split}", unit=" pairs", mininterval=2.0) as bar:
+    bar = tqdm(total=lines, desc=f"binarise {split}", unit=" pairs", mininterval=2.0)
+    # However this ends, the files are closed here: on an error an open file would keep its disk blocks after
+    # atomic_path removes the folder (a full disk would stay full until the exception is collected).
+    with bar, contextlib.ExitStack() as on_error:
+        for w in writers:
+            on_error.callback(w.abort)
         for chunk in pool(encode_chunk, tasks):
             sides = [(chunk.src, chunk.src_lengths), (chunk.tgt, chunk.tgt_lengths)]
             for side, (tokens, lengths) in enumerate(sides):
@@ -158,7 +166,7 @@ def binarise_split(pool, raw: Path, out: Path, split: str, langs: tuple, keep_fi
             for reason, n in chunk.dropped.items():
                 dropped[reason] += n
             bar.update(chunk.lines)
-    src_lengths, tgt_lengths = (w.close() for w in writers)
+        src_lengths, tgt_lengths = (w.close() for w in writers)
     pairs = len(src_lengths)
     if pairs == 0:
         raise BinariseError(f"split '{split}': no pairs left of {lines} in {src_path} (dropped: {dropped})")
@@ -195,7 +203,7 @@ def binarise(raw, bpe, out, src: str, tgt: str, params: BinariseParams) -> dict:
     keep_filter = Filter(params.max_len, params.max_len_ratio)
     workers = params.workers or len(os.sched_getaffinity(0))
     stats = {}
-    with atomic_path(out) as tmp, worker_pool(str(model), workers) as pool:
+    with disk_full_said(out), atomic_path(out) as tmp, worker_pool(str(model), workers) as pool:
         tmp.mkdir()
         for split in SPLITS:
             split_filter = keep_filter if split == "train" else None
@@ -209,6 +217,27 @@ def binarise(raw, bpe, out, src: str, tgt: str, params: BinariseParams) -> dict:
             "splits": {split: stats[split]["pairs"] for split in SPLITS},
         })  # fmt: skip
     return stats
+
+
+@contextlib.contextmanager
+def disk_full_said(out: Path):
+    """A full disk (ENOSPC, or a quota: EDQUOT) said as what to do; atomic_path has removed the partial folder
+    by the time this runs, so nothing half-written is left for a later stage to trust."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = out / Path(e.filename).name if e.filename else out  # the file's final name, not its temporary one
+        free = shutil.disk_usage(out.resolve().parent).free
+        free_text = f"{free / 1e9:.1f} GB" if free >= 1e8 else f"{free / 1e6:.1f} MB"
+        raise BinariseError(
+            f"{where}: no space left on the device ({e.strerror}); the partial output was removed and {out} is as "
+            f"it was. {free_text} free there now; the token arrays take about 2 bytes a BPE token (0.6 GB for the "
+            "WMT14-sized rehearsal corpus). Free space on that disk, or point the stage elsewhere: run the pipeline "
+            f"from a disk with room, or make {out.parent} a symlink to one (DVC's cache, `dvc cache dir`, needs as "
+            "much again)"
+        ) from None
 
 
 class worker_pool:  # noqa: N801 -- used like a function: `with worker_pool(model, n) as imap:`

@@ -28,7 +28,7 @@ from pipeline.atomic import atomic_path, write_csv_atomic
 from pipeline.layout import SPM_FILE, find_checkpoints
 from pipeline.params import Params, load_params
 from pipeline.tracking import stage_run
-from pipeline.translate import SearchOptions, Translator, read_lines, search_options
+from pipeline.translate import SearchOptions, Translator, read_lines, resolve_device, search_options
 from transformer.checkpoint import load, load_model
 
 log = logging.getLogger("pipeline.curve")
@@ -79,13 +79,19 @@ def curve_points(snapshots: Path, checkpoints: Path) -> list[dict]:
 
 
 def measure(
-    points: list[dict], sp: spm.SentencePieceProcessor, sources: list[str], refs: list[str], options: SearchOptions
+    points: list[dict],
+    sp: spm.SentencePieceProcessor,
+    sources: list[str],
+    refs: list[str],
+    options: SearchOptions,
+    device: str = "auto",
 ) -> tuple[list[dict], str]:
-    """BLEU and chrF of each point's translations of `sources`; returns the rows and the BLEU signature."""
+    """BLEU and chrF of each point's translations of `sources` on `device` (decode.device); returns the rows and
+    the BLEU signature."""
     bleu, chrf = BLEU(), CHRF()
     rows = []
     for p in points:
-        model, _ = load_model(p["path"])
+        model, _ = load_model(p["path"], map_location=resolve_device(device))
         hyps = Translator(model, sp, options).translate(sources)
         row = {k: p[k] for k in COLUMNS if k in p}
         row["bleu"] = round(bleu.corpus_score(hyps, [refs]).score, 2)
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         points = curve_points(args.snapshots, args.checkpoints)
         sp = spm.SentencePieceProcessor(model_file=str(args.bpe / SPM_FILE))
         options = curve_options(params)
-        rows, signature = measure(points, sp, sources, refs, options)
+        rows, signature = measure(points, sp, sources, refs, options, params.decode.device)
         write_csv(args.out, rows)
         what = "snapshots" if rows[0]["source"] == "snapshot" else "kept checkpoints"
         search = "greedy" if options.beam == 1 else f"beam {options.beam}"

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     source = args.raw / f"{params.decode.split}.{params.data.source_lang}"
     sentences = read_lines(source)
     with stage_run("decode", params, ("data", "decode")):
-        translator = Translator.from_file(args.model, search_options(params.decode))
+        translator = Translator.from_file(args.model, search_options(params.decode), device=params.decode.device)
         log.info(
             "decoding %d lines of %s on %s (torch threads: %d)",
             len(sentences),

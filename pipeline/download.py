@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
+import yaml
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HFValidationError, HTTPError, RepositoryNotFoundError
 from tqdm import tqdm
@@ -125,13 +126,57 @@ def table_split(ds: datasets.Dataset, where: str, src: str, tgt: str) -> PairBat
     return len(ds), batches
 
 
-def load_local(path: Path, config: str | None) -> datasets.DatasetDict:
+def readme_splits(folder: Path, config: str | None) -> dict[str, list[str]]:
+    """The file patterns of each split that the folder's README.md `configs:` give for `config` (or the default
+    config): the hub's layout (wmt/wmt14). Empty when the folder has no such README."""
+    readme = folder / "README.md"
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) if text.startswith("---") else None
+    except (yaml.YAMLError, IndexError):
+        return {}
+    configs = [c for c in (meta or {}).get("configs") or [] if isinstance(c, dict)]
+    chosen = [c for c in configs if c.get("config_name") == config] or [c for c in configs if c.get("default")]
+    if not chosen:
+        return {}
+    splits = {}
+    for entry in chosen[0].get("data_files") or []:
+        if isinstance(entry, dict) and "split" in entry:
+            paths = entry.get("path")
+            splits[str(entry["split"])] = [paths] if isinstance(paths, str) else list(paths or [])
+    return splits
+
+
+def check_split_files(folder: Path, data: DataParams) -> None:
+    """Name a split whose files are missing before datasets does (it says "Couldn't infer the same data file
+    format for all splits"), with the data.splits key that would point elsewhere."""
+    splits = readme_splits(folder, data.config)
+    present = [s for s, patterns in splits.items() if any(any(folder.glob(p)) for p in patterns)]
+    keys = {name: key for key, name in data.splits.items()}
+    for split, patterns in splits.items():
+        if split not in present:
+            key = keys.get(split)
+            point = f" (data.splits.{key})" if key else ""
+            other = f"set data.splits.{key} to a split it has ({', '.join(present) or 'none'}), e.g. " if key else ""
+            example = f"`dvc exp run -S data.splits.{key}={present[0]}`, " if key and present else ""
+            raise DownloadError(
+                f"{folder}: no files for split '{split}'{point}: its README.md names {', '.join(patterns)} for "
+                f"config '{data.config}' and nothing matches. Add that split's files, or {other}{example}"
+                "or remove the split from README.md's configs"
+            )
+
+
+def load_local(path: Path, data: DataParams) -> datasets.DatasetDict:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for f in files:
         if f.suffix in TEXT_SUFFIXES:
             check_utf8(f)
     if path.is_dir():
-        return datasets.load_dataset(str(path), config)
+        check_split_files(path, data)
+        try:
+            return datasets.load_dataset(str(path), data.config)
+        except (ValueError, FileNotFoundError) as e:  # datasets' own words, with the folder and key named
+            raise DownloadError(f"data.dataset '{path}', data.config '{data.config}': {e}") from None
     if path.suffix not in FILE_BUILDERS:
         kinds = ", ".join(FILE_BUILDERS)
         raise DownloadError(f"{path}: unknown data file type; use one of {kinds} or a folder")
@@ -169,13 +214,17 @@ def open_splits(data: DataParams) -> dict[str, PairBatches]:
     if layout is not None:
         available = layout
     else:
-        available = load_local(local, data.config) if local.exists() else load_hub(data.dataset, data.config)
+        available = load_local(local, data) if local.exists() else load_hub(data.dataset, data.config)
     splits = {}
     for key in SPLITS:
         name = data.splits[key]
         if name not in available:
-            have = ", ".join(map(str, available)) or "none"
-            raise DownloadError(f"{data.dataset}: no split '{name}' (data.splits.{key}); it has {have}")
+            have = [str(s) for s in available]
+            example = f" (e.g. `dvc exp run -S data.splits.{key}={have[0]}`)" if have else ""
+            raise DownloadError(
+                f"{data.dataset}: no split '{name}' (data.splits.{key}); it has {', '.join(have) or 'none'}. Add "
+                f"that split's files to the dataset, or set data.splits.{key} to one of those{example}"
+            )
         where = f"{data.dataset} split '{name}'"
         if layout:
             splits[key] = text_split(name, *layout[name])

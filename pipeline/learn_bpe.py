@@ -8,7 +8,12 @@ Writes `<out>/spm.model` and `<out>/spm.vocab` atomically, with ids pad=0 unk=1 
 When the training text has more than `bpe.input_sentence_size` lines, we sample that many ourselves with
 `bpe.seed`: sentencepiece 0.2.3's own sampling (`shuffle_input_sentence`) draws a different sample in every
 process whatever `set_random_generator_seed` says (measured), which would make `dvc repro` learn a different
-vocabulary each time.
+vocabulary each time. Sentencepiece holds every sentence it learns from in memory (about 0.6 GB per million
+WMT-like lines, see `BpeParams`), hence the sample.
+
+Lines longer than sentencepiece's `max_sentence_length` (4,192 bytes) it would skip without a word at our log
+level; we skip them ourselves and say how many. They are crawl junk of 600+ words, which the binarise stage
+drops anyway (`binarise.max_len`), so leaving them out of the BPE model costs nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -29,6 +35,7 @@ from pipeline.atomic import atomic_path
 from pipeline.params import BpeParams, load_params
 from pipeline.tracking import stage_run
 
+MAX_SENTENCE_BYTES = 4192  # sentencepiece's max_sentence_length (its default), passed explicitly
 TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
 
@@ -49,36 +56,52 @@ def count_lines(path: Path) -> int:
         return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b""))
 
 
-def sample_lines(inputs: list[Path], size: int, seed: int) -> Iterator[str] | None:
-    """`size` lines drawn without replacement (seeded) from all of `inputs`; None if they have no more."""
-    total = sum(count_lines(p) for p in inputs)
-    if total <= size:
-        return None
-    keep = np.zeros(total, dtype=bool)
-    keep[np.random.default_rng(seed).choice(total, size=size, replace=False)] = True
+@dataclass
+class Sample:
+    """The training lines sentencepiece learns from: all of them, or `size` drawn without replacement (seeded),
+    in file order; lines over MAX_SENTENCE_BYTES are left out and counted in `too_long` as they go by."""
 
-    def lines() -> Iterator[str]:
+    inputs: list[Path]
+    total: int
+    size: int
+    seed: int
+    too_long: int = 0
+
+    def __iter__(self) -> Iterator[str]:
+        keep = None
+        if self.size < self.total:
+            keep = np.zeros(self.total, dtype=bool)
+            keep[np.random.default_rng(self.seed).choice(self.total, size=self.size, replace=False)] = True
         i = 0
-        for path in inputs:
+        for path in self.inputs:
             with open(path, encoding="utf-8", newline="\n") as f:
                 for line in f:
-                    if keep[i]:
-                        yield line.rstrip("\n")
+                    if keep is None or keep[i]:
+                        line = line.rstrip("\n")
+                        # Bytes >= characters, and <= 4 per character: encode only where it can matter.
+                        if len(line) > MAX_SENTENCE_BYTES // 4 and len(line.encode("utf-8")) > MAX_SENTENCE_BYTES:
+                            self.too_long += 1
+                        else:
+                            yield line
                     i += 1
 
-    return lines()
+
+def sample_lines(inputs: list[Path], size: int, seed: int) -> Sample:
+    total = sum(count_lines(p) for p in inputs)
+    return Sample(inputs, total, min(size, total), seed)
 
 
-def learn_bpe(raw: Path | str, out: Path | str, src: str, tgt: str, bpe: BpeParams, verbose=False) -> Path:
-    """Train `<out>/spm.model`; the folder appears only once the model is complete."""
+def learn_bpe(raw: Path | str, out: Path | str, src: str, tgt: str, bpe: BpeParams, verbose=False) -> Sample:
+    """Train `<out>/spm.model`; the folder appears only once the model is complete. Returns what it learned from
+    (lines in all, sampled, skipped as too long)."""
     inputs = train_inputs(Path(raw), src, tgt)
     sample = sample_lines(inputs, bpe.input_sentence_size, bpe.seed)
-    source = {"input": [str(p) for p in inputs]} if sample is None else {"sentence_iterator": sample}
     with atomic_path(out) as tmp:
         tmp.mkdir()
         try:
             spm.SentencePieceTrainer.train(
-                **source,
+                sentence_iterator=iter(sample),
+                max_sentence_length=MAX_SENTENCE_BYTES,
                 model_prefix=str(tmp / "spm"),
                 model_type="bpe",
                 vocab_size=bpe.vocab_size,
@@ -95,7 +118,7 @@ def learn_bpe(raw: Path | str, out: Path | str, src: str, tgt: str, bpe: BpePara
         except RuntimeError as e:
             raise too_high(e, bpe.vocab_size) or e from None
         make_reproducible(tmp / "spm.model")
-    return Path(out) / "spm.model"
+    return sample
 
 
 def make_reproducible(model: Path) -> None:
@@ -131,13 +154,19 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     with stage_run("learn_bpe", params, ("data", "bpe")):
         try:
-            model = learn_bpe(args.raw, args.out, params.data.source_lang, params.data.target_lang, params.bpe,
-                              verbose=args.verbose)  # fmt: skip
+            sample = learn_bpe(args.raw, args.out, params.data.source_lang, params.data.target_lang, params.bpe,
+                               verbose=args.verbose)  # fmt: skip
         except BpeError as e:
             sys.exit(f"learn_bpe: {e}")
+        model = args.out / "spm.model"
         mlflow.log_artifact(str(model), artifact_path="bpe")
+        learned = {"input_lines": sample.total, "sampled_lines": sample.size, "too_long_lines": sample.too_long}
+        mlflow.log_metrics(learned)
     sp = spm.SentencePieceProcessor(model_file=str(model))
-    print(f"{model}: {sp.get_piece_size()} pieces (bpe.vocab_size {params.bpe.vocab_size})")
+    print(f"{model}: {sp.get_piece_size()} pieces (bpe.vocab_size {params.bpe.vocab_size}), learned from "
+          f"{sample.size - sample.too_long:,} of {sample.total:,} training lines (bpe.input_sentence_size "
+          f"{params.bpe.input_sentence_size:,}); {sample.too_long:,} sampled lines longer than "
+          f"{MAX_SENTENCE_BYTES:,} bytes left out (binarise drops such pairs by binarise.max_len)")  # fmt: skip
 
 
 if __name__ == "__main__":

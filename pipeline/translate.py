@@ -95,6 +95,20 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """`auto` (or None): cuda when torch sees a GPU, else cpu; anything else as torch names it, checked here so
+    that a missing GPU is said in one line before any model is loaded."""
+    if name is None or name == "auto":
+        return default_device()
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device '{name}' asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
+            "use decode.device: auto or cpu (translate: --device cpu)"
+        )
+    return device
+
+
 class Translator:
     """A model and its sentencepiece model, translating lists of sentences in batches."""
 
@@ -114,7 +128,7 @@ class Translator:
         device: str | torch.device | None = None,
         spm_path: str | Path | None = None,
     ) -> Translator:
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         model, extra = load_model(path, map_location=device)
         sp = sentencepiece_from(extra, Path(path), Path(spm_path) if spm_path else None)
         return cls(model, sp, options or SearchOptions())
@@ -191,7 +205,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=int, default=defaults.max_tokens, help="padded source tokens per batch")
     p.add_argument("--buffer-size", type=int, default=None, help="lines read before translating (tty: 1)")
     p.add_argument("--spm", type=Path, default=None, help="sentencepiece model, if the model file has none")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ... (default auto: cuda when available)")
     p.add_argument(
         "--show-attention",
         type=Path,

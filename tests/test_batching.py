@@ -43,6 +43,32 @@ def test_greedy_cut_is_maximal():
     assert [len(b) for b in batches] == [3, 3, 3, 1]
 
 
+def test_length_order_is_the_three_key_sort_whichever_path_sorts():
+    # By max(src, tgt), then tgt, then a random tie-break: packed into one int64 key when the keys fit, else
+    # np.lexsort (lengths of 2^40 do not fit). Both must give the order that the plain lexsort defines.
+    src, tgt = lengths(2000, seed=5)
+    for scale in (1, 2**40):
+        s, t = src * scale, tgt * scale
+        tiebreak = np.random.default_rng(7).permutation(len(s))
+        expected = np.lexsort((tiebreak, t, np.maximum(s, t)))
+        assert length_order(s, t, np.random.default_rng(7)).tolist() == expected.tolist()
+
+
+def test_greedy_cut_of_any_order_equals_the_cut_by_definition():
+    # The greedy rule spelled out one sentence at a time: extend the batch while n × max(sizes) fits.
+    src, tgt = lengths(700, seed=6)
+    sizes = np.maximum(src, tgt)
+    for order in (np.random.default_rng(8).permutation(700), length_order(src, tgt, np.random.default_rng(9))):
+        expected, batch = [], []
+        for i in order.tolist():
+            if batch and (len(batch) + 1) * max(sizes[batch + [i]]) > 120:
+                expected.append(batch)
+                batch = []
+            batch.append(i)
+        expected.append(batch)
+        assert [b.tolist() for b in cut_batches(order, sizes, 120)] == expected
+
+
 def test_too_long_sentence_is_named():
     with pytest.raises(ValueError, match="sentence 2 has 50 tokens, more than max_tokens=40"):
         cut_batches(np.arange(3), np.array([3, 4, 50]), 40)

@@ -1,5 +1,6 @@
 """binarise: token arrays that decode back to data/raw, eos-terminated, training pairs filtered by reason."""
 
+import errno
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from pipeline import binarise as bz
 from pipeline.download import download
 from pipeline.learn_bpe import learn_bpe
 from pipeline.params import BinariseParams, BpeParams, DataParams
+from transformer import corpus as corpus_module
 from transformer.corpus import EOS_ID, ParallelCorpus, read_meta
 
 
@@ -166,3 +168,63 @@ def test_missing_model_is_named(stages, tmp_path):
     raw, _ = stages
     with pytest.raises(bz.BinariseError, match=r"spm.model: not found \(run the learn_bpe stage first\)"):
         bz.binarise(raw, tmp_path, tmp_path / "bin", "en", "de", BinariseParams())
+
+
+class FillingFile:
+    """A file on a disk that fills up: writes to it fail with ENOSPC (what a full disk raises), unnamed."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+        self.real.close()
+
+
+def test_a_full_disk_is_named_with_what_to_do_and_leaves_the_old_output(
+    stages, tmp_path, monkeypatch, mlflow_tmp_store
+):
+    raw, bpe = stages
+    out = tmp_path / "data" / "bin"
+    binarise(stages, out, workers=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_open = open
+
+    def filling_open(path, mode="r", *args, **kw):  # the disk fills when the valid split is being written
+        f = real_open(path, mode, *args, **kw)
+        return FillingFile(f) if "valid." in str(path) and "w" in mode else f
+
+    monkeypatch.setattr(corpus_module, "open", filling_open, raising=False)
+    with pytest.raises(bz.BinariseError) as e:
+        binarise(stages, out, workers=1)
+    message = str(e.value)
+    assert f"{out / 'valid.en.bin'}: no space left on the device (No space left on device)" in message
+    assert (
+        "the partial output was removed" in message
+        and "Free space on that disk, or point the stage elsewhere" in message
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the complete old output, untouched
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bin"]  # no temporary folder left behind
+    # Through the CLI: one line, no traceback, and no data/bin where there was none.
+    params = tmp_path / "params.yaml"
+    params.write_text("binarise:\n  workers: 1\n  max_len_ratio: 3.0\n")
+    fresh = tmp_path / "fresh" / "bin"
+    with pytest.raises(SystemExit, match=r"^binarise: .*valid.en.bin: no space left on the device"):
+        bz.main(["--raw", str(raw), "--bpe", str(bpe), "--out", str(fresh), "--params", str(params),
+                 "--metrics", str(tmp_path / "metrics.json")])  # fmt: skip
+    assert not fresh.exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_a_10000_token_training_line_is_dropped_and_counted(stages, tmp_path):
+    raw, bpe = stages
+    edited = tmp_path / "raw"
+    edited.mkdir()
+    for f in raw.iterdir():
+        (edited / f.name).write_bytes(f.read_bytes())
+    for lang, word in (("en", "dog"), ("de", "Hund")):
+        with open(edited / f"train.{lang}", "a", encoding="utf-8") as f:
+            f.write(" ".join([word] * 10_000) + "\n")
+    stats = bz.binarise(edited, bpe, tmp_path / "bin", "en", "de", BinariseParams(max_len_ratio=3.0))  # max_len 250
+    assert stats["train"]["pairs"] == 4000 and stats["train"]["dropped"] == {"empty": 0, "too_long": 1, "ratio": 0}

@@ -93,3 +93,39 @@ def test_model_file_is_standalone_and_checked(workspace):
 def test_missing_source_is_named(workspace):
     with pytest.raises(FileNotFoundError, match="nope/test.en: file not found"):
         stage.main(["--model", "models/average.pt", "--raw", "nope", "--out", "outputs/hyp.txt"])
+
+
+def test_device_auto_is_cuda_only_when_torch_sees_a_gpu(monkeypatch):
+    from pipeline.translate import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device(None) == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'cuda' asked for, but torch sees no CUDA GPU.*decode.device"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda:1")
+
+
+def test_decode_device_param_is_checked_and_reaches_the_translator(workspace, monkeypatch):
+    from pipeline.params import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match=r"key 'decode.device'"):
+        parse_params({"decode": {"device": "tpu"}})
+    seen = []
+    original = Translator.from_file
+
+    def spy(path, options=None, device=None, spm_path=None):
+        seen.append(device)
+        return original(path, options, device="cpu", spm_path=spm_path)
+
+    write_params(workspace, mlflow_store(), decode={"device": "cuda"})
+    with monkeypatch.context() as patch:
+        patch.setattr(Translator, "from_file", staticmethod(spy))
+        stage.main(["--model", "models/average.pt", "--raw", "data/raw", "--out", "outputs/hyp.txt"])
+    assert seen == ["cuda"]
+    if not torch.cuda.is_available():  # the real path: one clear line, and no hypotheses written
+        (workspace / "outputs" / "hyp.txt").unlink()
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
+            stage.main(["--model", "models/average.pt", "--raw", "data/raw", "--out", "outputs/hyp.txt"])
+        assert not (workspace / "outputs" / "hyp.txt").exists()

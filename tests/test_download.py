@@ -156,3 +156,64 @@ def test_cli_on_the_embedded_corpus(tmp_path, monkeypatch, mlflow_tmp_store):
 def test_multi30k_folder():
     out_stats = dl.open_splits(DataParams(dataset=str(MULTI30K), config=None))
     assert {k: v[0] for k, v in out_stats.items()} == {"train": 29000, "valid": 1014, "test": 1000}
+
+
+HUB_README = """---
+configs:
+- config_name: de-en
+  default: true
+  data_files:
+  - split: train
+    path: de-en/train-*
+  - split: validation
+    path: de-en/validation-*
+  - split: test
+    path: de-en/test-*
+---
+"""
+
+
+def hub_folder(tmp_path, splits=("train", "validation", "test"), readme=True, train=None):
+    """The hub's wmt/wmt14 layout: de-en/<split>-00000-of-00001.parquet and a README.md naming config de-en."""
+    folder = tmp_path / "wmt14"
+    (folder / "de-en").mkdir(parents=True)
+    for split in splits:
+        pairs = train if (split == "train" and train) else [(f"{split} {i}", f"{split} satz {i}") for i in range(3)]
+        rows = {"translation": [{"de": de, "en": en} for en, de in pairs]}
+        path = folder / "de-en" / f"{split}-00000-of-00001.parquet"
+        datasets.Dataset.from_dict(rows, features=DE_EN).to_parquet(str(path))
+    if readme:
+        (folder / "README.md").write_text(HUB_README, encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("config", ["de-en", None])
+def test_hub_layout_without_its_test_split_names_the_folder_the_split_and_the_key(tmp_path, config):
+    folder = hub_folder(tmp_path, splits=("train", "validation"))
+    with pytest.raises(dl.DownloadError) as e:
+        dl.download(DataParams(dataset=str(folder), config=config), tmp_path / "raw")
+    message = str(e.value)
+    assert message.startswith(
+        f"{folder}: no files for split 'test' (data.splits.test): its README.md names de-en/test-*"
+    )
+    assert "set data.splits.test to a split it has (train, validation)" in message
+    assert "dvc exp run -S data.splits.test=train" in message
+    assert not (tmp_path / "raw").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["wmt14"]
+
+
+def test_folder_without_readme_and_test_split_says_what_to_set(tmp_path):
+    # No README: datasets takes the splits from the file names, and our own check names what is missing.
+    folder = hub_folder(tmp_path, splits=("train", "validation"), readme=False)
+    with pytest.raises(dl.DownloadError, match=r"no split 'test' \(data.splits.test\); it has train, validation\. "
+                       r"Add that split's files to the dataset, or set data.splits.test"):  # fmt: skip
+        dl.download(DataParams(dataset=str(folder), config=None), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_a_10000_token_training_line_is_kept(tmp_path):
+    # Filtering by length is binarise's job (binarise.max_len, counted in its metrics); download keeps the text.
+    long_en, long_de = " ".join(["word"] * 10_000), " ".join(["Wort"] * 10_000)
+    folder = hub_folder(tmp_path, train=[("a b", "c d"), (long_en, long_de), ("e f", "g h")])
+    stats = dl.download(DataParams(dataset=str(folder)), tmp_path / "raw")
+    assert stats["train"] == {"pairs": 3, "dropped_empty": 0}
+    assert lines(tmp_path / "raw" / "train.en")[1] == long_en and lines(tmp_path / "raw" / "train.de")[1] == long_de

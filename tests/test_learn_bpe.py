@@ -18,7 +18,9 @@ def raw(tmp_path_factory):
 
 
 def test_joint_model_with_fixed_special_ids(raw, tmp_path, capfd):
-    model = learn_bpe(raw, tmp_path / "bpe", "en", "de", BpeParams(vocab_size=500))
+    sample = learn_bpe(raw, tmp_path / "bpe", "en", "de", BpeParams(vocab_size=500))
+    assert (sample.total, sample.size, sample.too_long) == (8000, 8000, 0)  # 4,000 pairs, both sides, all used
+    model = tmp_path / "bpe" / "spm.model"
     assert sorted(p.name for p in (tmp_path / "bpe").iterdir()) == ["spm.model", "spm.vocab"]
     sp = spm.SentencePieceProcessor(model_file=str(model))
     assert sp.get_piece_size() == 500
@@ -80,3 +82,24 @@ def test_cli_reports_missing_input(tmp_path, monkeypatch, mlflow_tmp_store):
     params.write_text("bpe:\n  vocab_size: 300\n")
     with pytest.raises(SystemExit, match=r"train.en: not found \(run the download stage first\)"):
         main(["--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "bpe"), "--params", str(params)])
+
+
+def test_lines_too_long_for_sentencepiece_are_left_out_and_counted(raw, tmp_path, mlflow_tmp_store, capsys):
+    # A 10,000-token training line (50 KB) is past sentencepiece's 4,192-byte max_sentence_length, which it would
+    # skip silently at our log level: learn_bpe leaves it out itself and says so. download keeps it, binarise
+    # drops it by binarise.max_len and counts it (tests of those stages).
+    edited = tmp_path / "raw"
+    edited.mkdir()
+    for f in raw.iterdir():
+        (edited / f.name).write_bytes(f.read_bytes())
+    for lang in ("en", "de"):
+        with open(edited / f"train.{lang}", "a", encoding="utf-8") as f:
+            f.write(" ".join(["wort"] * 10_000) + "\n")
+    sample = learn_bpe(edited, tmp_path / "bpe", "en", "de", BpeParams(vocab_size=300))
+    assert (sample.total, sample.size, sample.too_long) == (8002, 8002, 2)
+    params = tmp_path / "params.yaml"
+    params.write_text("bpe:\n  vocab_size: 300\n")
+    main(["--raw", str(edited), "--out", str(tmp_path / "bpe2"), "--params", str(params)])
+    out = capsys.readouterr().out
+    assert "learned from 8,000 of 8,002 training lines" in out and "2 sampled lines longer than 4,192 bytes" in out
+    assert (tmp_path / "bpe" / "spm.model").read_bytes() == (tmp_path / "bpe2" / "spm.model").read_bytes()

@@ -237,3 +237,11 @@ def test_cooldown_follows_the_wall_clock_budget():
         hooks.on_update(trainer, trainer.train_step(trainer.plan.epoch(0)[trainer.position.index]))
     for n, lr in zip((2, 3), hooks.lrs[1:], strict=True):
         assert 0.45 * rate(n, 32, 2) < lr <= 0.5 * rate(n, 32, 2)
+
+
+def test_summary_times_the_start_up_and_the_first_update(capsys):
+    start = time.time() - 5.0  # as if the stage had started 5 s before the Trainer was built
+    summary = Trainer(model_cfg(), train_cfg(max_updates=2, start_time=start), tiny_corpus(), None).fit(Record())
+    assert 5.0 <= summary["startup_s"] < 5.0 + (time.time() - start - 5.0)
+    assert 0 < summary["first_update_s"] <= time.time() - start - summary["startup_s"]
+    assert "first update started" in capsys.readouterr().out

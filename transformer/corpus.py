@@ -14,6 +14,7 @@ Imports numpy and the standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -77,16 +78,35 @@ class SideWriter:
             raise ValueError(f"{self.bin_path}: {len(tokens)} tokens but the lengths add up to {lengths.sum()}")
         if len(tokens) and (tokens.min() < 0 or tokens.max() > np.iinfo(self.dtype).max):
             raise ValueError(f"{self.bin_path}: token ids outside the range of {self.dtype}")
-        self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        with named(self.bin_path):
+            self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
         self._lengths.append(lengths)
 
     def close(self) -> np.ndarray:
-        self._file.close()
+        with named(self.bin_path):
+            self._file.close()  # flushes: a full disk may show only here
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int64)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        np.save(self.idx_path, offsets)
+        with named(self.idx_path):
+            np.save(self.idx_path, offsets)
         return lengths
+
+    def abort(self) -> None:
+        """Close the token file without writing the index (a no-op after close): the split stays incomplete."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+
+
+@contextlib.contextmanager
+def named(path: Path):
+    """An OSError from writing (a full disk: ENOSPC) carries the file's name, which a bare write() leaves out."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 class TokenArray:

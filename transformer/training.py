@@ -156,6 +156,7 @@ class Trainer:
         self._snapshots = marks_passed(time.time() - cfg.start_time, cfg.snapshot_every_minutes)  # marks done
         self._last_snapshot_update = -1
         self._lr = self.scheduler.get_last_lr()[0]
+        self._first_update: tuple[float, float] | None = None  # (start, seconds) of this process's first update
 
     # --- one update ---
 
@@ -315,7 +316,11 @@ class Trainer:
         hooks = hooks or Hooks()
         reason = self.done()
         while reason is None:
-            step = self.train_step(self.plan.epoch(self.position.epoch)[self.position.index], self.clock_flags())
+            global_batch = self.plan.epoch(self.position.epoch)[self.position.index]  # the first call plans the epoch
+            started = time.time()
+            step = self.train_step(global_batch, self.clock_flags())
+            if self._first_update is None:
+                self.first_update_done(started)
             self.accumulate(step)
             hooks.on_update(self, step)
             every = self.cfg.checkpoint_every_updates
@@ -337,6 +342,14 @@ class Trainer:
         if self.cfg.snapshot_every_minutes is not None and self._last_snapshot_update != self.update:
             self.snapshot(hooks, final=True)
         return self.summary(reason)
+
+    def first_update_done(self, started: float) -> None:
+        """Say how long the start-up took (stage start to the first update: Ray, data, model, the epoch's batch
+        plan: what grows with the corpus), apart from the first update itself (what grows with the model)."""
+        self._first_update = (started - self.cfg.start_time, time.time() - started)
+        if self.rank == 0:
+            startup, seconds = self._first_update
+            print(f"first update started {startup:.1f} s after the stage did, and took {seconds:.1f} s", flush=True)
 
     def accumulate(self, step: Step) -> None:
         if step.applied:
@@ -421,5 +434,7 @@ class Trainer:
             "skipped_updates": self.skipped,
             "epoch": self.position.epoch,
             "stopped_by": reason,
+            "startup_s": None if self._first_update is None else round(self._first_update[0], 2),
+            "first_update_s": None if self._first_update is None else round(self._first_update[1], 2),
             **self.last_metrics(),
         }
