@@ -145,7 +145,13 @@ def parent_run_id(client: MlflowClient, experiment_id: str, params: Params) -> s
         return found[0].info.run_id
     name = os.environ.get("DVC_EXP_NAME") or f"{params.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"pipeline_key": key, "kind": "pipeline", **run_tags(params)}
-    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    # Every param of this execution on the parent too, beside its BLEU: MLflow's compare view of the parents (one
+    # per experiment of a sweep) then shows params against scores. The stages' children log their sections.
+    flat = [Param(k, str(v)) for k, v in flatten(params.model_dump(mode="json")).items()]
+    for start in range(0, len(flat), 100):  # log_batch takes at most 100 params
+        client.log_batch(run_id, params=flat[start : start + 100])
+    return run_id
 
 
 def flatten(values: Mapping, prefix: str = "") -> dict:

@@ -94,6 +94,7 @@ def test_mlflow_has_one_parent_per_experiment_named_by_it_with_its_scores(sweep)
     for name, split in POINTS.items():
         parent = parents[name]
         assert parent.data.tags["dvc_experiment"] == name and parent.info.status == "FINISHED"
+        assert parent.data.params["decode.split"] == split  # the compare view of the parents: params and scores
         score = exps[name]["metrics"]["metrics/score.json"]["data"]
         assert parent.data.metrics["bleu"] == pytest.approx(score["bleu"])
         assert parent.data.metrics["chrf"] == pytest.approx(score["chrf"])

@@ -76,6 +76,9 @@ def test_one_parent_per_execution_with_a_child_per_stage_and_tags(workspace, mon
         assert len(run.data.tags["git_commit"]) in (40, 7) or run.data.tags["git_commit"] == "unknown"
         assert run.data.tags["preset"] == "smoke"
     assert parent.info.run_name == "brisk-lark"
+    # All params on the parent, for MLflow's compare view of a sweep's parents (docs/sweeps.md).
+    assert parent.data.params["preset"] == "smoke" and parent.data.params["bpe.vocab_size"] == "37000"
+    assert parent.data.params["model.dropout"] == "None" and parent.data.params["train.lr_factor"] == "1.0"
     for child in children.values():
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.tags["cached"] == "false"
