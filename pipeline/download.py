@@ -3,7 +3,9 @@
     python -m pipeline.download --out data/raw
 
 `data.dataset` is a Hugging Face hub id (default `wmt/wmt14`, config `de-en`) or a local folder or data file,
-relative to the repository root, in one of three layouts:
+relative to the repository root (for a queued or `--temp` experiment, which DVC runs in a copy under
+.dvc/tmp/exps/, a path not found in the copy is taken from the user's repository, DVC_ROOT: the multi30k
+preset's ../shared/data/multi30k), in one of three layouts:
 
 - a `translation` column of `{lang: sentence}` (wmt14; parquet, json),
 - one column per language, `en` and `de` (bentrevett/multi30k, corpus/sample-en-de; jsonl, csv, parquet),
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,10 +209,22 @@ def load_hub(dataset: str, config: str | None) -> datasets.DatasetDict:
         raise DownloadError(f"data.dataset '{dataset}', data.config '{config}': {e}") from None
 
 
+def local_path(dataset: str) -> Path:
+    """`data.dataset` as a path: relative to the working directory (the repository root, where DVC runs the
+    stage), else to DVC_ROOT, the repository the experiment was started from. A queued or `--temp` experiment
+    runs in a copy under .dvc/tmp/exps/ that holds the repository's tracked files (corpus/sample-en-de is read
+    from the copy, as committed), but nothing outside it: ../shared/data/multi30k is the user's."""
+    path = Path(dataset).expanduser()
+    root = os.environ.get("DVC_ROOT")
+    if not path.is_absolute() and not path.exists() and root and (Path(root) / path).exists():
+        return Path(root) / path
+    return path
+
+
 def open_splits(data: DataParams) -> dict[str, PairBatches]:
     """Our three splits (train/valid/test) as pair batches, from wherever `data.dataset` points."""
     src, tgt = data.source_lang, data.target_lang
-    local = Path(data.dataset).expanduser()
+    local = local_path(data.dataset)
     layout = text_layout(local, src, tgt) if local.is_dir() else None
     if layout is not None:
         available = layout

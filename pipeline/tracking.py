@@ -17,6 +17,7 @@ and the tags that identify the run (git commit, DVC experiment, preset). docs/ml
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -30,6 +31,7 @@ import mlflow
 import psutil
 import yaml
 from mlflow.entities import Metric, Param, Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.params import PARAMS_FILE, Params
@@ -92,11 +94,37 @@ def run_tags(params: Params) -> dict[str, str]:
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """Create the experiment in the driver with an absolute artifact location (Ray workers run elsewhere)."""
+    """Create the experiment in the driver with an absolute artifact location (Ray workers run elsewhere).
+
+    Two queued experiments (`dvc queue start -j 2`) may both find it missing; the second to create it gets
+    RESOURCE_ALREADY_EXISTS and uses the first's."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=local_artifact_location(client.tracking_uri))
+    try:
+        return client.create_experiment(name, artifact_location=local_artifact_location(client.tracking_uri))
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local SQLite store (`<file>.lock`); other stores need none.
+
+    MLflow creates a new store's tables (an Alembic migration) on first use, and two processes doing it at once
+    fail ("table experiments already exists"): the first stages of two queued experiments started together
+    (`dvc queue start -j 2`) on a fresh clone do. Once the tables exist, concurrent writes are safe: MLflow sets
+    SQLite's busy_timeout (20 s) on every session, so a writer waits for the other instead of failing."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def local_artifact_location(uri: str) -> str | None:
@@ -117,7 +145,13 @@ def parent_run_id(client: MlflowClient, experiment_id: str, params: Params) -> s
         return found[0].info.run_id
     name = os.environ.get("DVC_EXP_NAME") or f"{params.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"pipeline_key": key, "kind": "pipeline", **run_tags(params)}
-    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    # Every param of this execution on the parent too, beside its BLEU: MLflow's compare view of the parents (one
+    # per experiment of a sweep) then shows params against scores. The stages' children log their sections.
+    flat = [Param(k, str(v)) for k, v in flatten(params.model_dump(mode="json")).items()]
+    for start in range(0, len(flat), 100):  # log_batch takes at most 100 params
+        client.log_batch(run_id, params=flat[start : start + 100])
+    return run_id
 
 
 def flatten(values: Mapping, prefix: str = "") -> dict:
@@ -245,9 +279,11 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...]) -> Iterator
 
     A failure marks the child and the parent FAILED and is re-raised.
     """
-    mlflow.set_tracking_uri(tracking_uri(params))
-    client = MlflowClient()
-    experiment_id = ensure_experiment(client, params.mlflow.experiment)
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    with store_lock(uri):
+        client = MlflowClient()
+        experiment_id = ensure_experiment(client, params.mlflow.experiment)
     parent = parent_run_id(client, experiment_id, params)
     link_cached_stages(client, experiment_id, parent, stage, run_tags(params))
     tags = {"mlflow.parentRunId": parent, "stage": stage, "kind": "stage", "cached": "false", **run_tags(params)}

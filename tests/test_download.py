@@ -152,6 +152,29 @@ def test_cli_on_the_embedded_corpus(tmp_path, monkeypatch, mlflow_tmp_store):
     assert len(lines(out / "train.de")) == 4000
 
 
+def test_a_queued_experiment_finds_a_corpus_beside_the_users_repository(tmp_path, monkeypatch):
+    """`dvc exp run --queue` runs the stage in <repo>/.dvc/tmp/exps/tmpXXXX with DVC_ROOT=<repo>: a relative path
+    that leaves the repository (the multi30k preset's ../shared/data/multi30k) is the user's, one inside it
+    (corpus/sample-en-de) is the copy's, as committed."""
+    user, copy = tmp_path / "work" / "repo", tmp_path / "work" / "repo" / ".dvc" / "tmp" / "exps" / "tmpabcd"
+    flat_folder(tmp_path / "work" / "shared")  # work/shared/flat
+    write_jsonl(user / "corpus", "train", [("the user's", "des Nutzers")])
+    for split in ("val", "test"):
+        write_jsonl(user / "corpus", split, [("x", "y")])
+    (copy / "corpus").mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        write_jsonl(copy / "corpus", split, [("the copy's", "der Kopie")])
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(user))
+    dl.download(params("../shared/flat"), tmp_path / "raw")
+    assert lines(tmp_path / "raw" / "train.en") == ["a b"]
+    dl.download(params("corpus"), tmp_path / "raw")
+    assert lines(tmp_path / "raw" / "train.en") == ["the copy's"]
+    monkeypatch.delenv("DVC_ROOT")
+    with pytest.raises(dl.DownloadError, match="is not a local path"):
+        dl.download(params("../shared/flat"), tmp_path / "raw")
+
+
 @pytest.mark.skipif(not MULTI30K.exists(), reason="needs ../shared/data/multi30k")
 def test_multi30k_folder():
     out_stats = dl.open_splits(DataParams(dataset=str(MULTI30K), config=None))

@@ -7,45 +7,21 @@ runs the preset itself.
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import mlflow
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-STAGES = ("download", "learn_bpe", "binarise", "train", "curve", "average", "decode", "score")
-SMALL = ["-S", "preset=smoke", "-S", "train.max_updates=60", "-S", "train.checkpoint_every_updates=20"]
-SMALL += ["-S", "train.validate_every_updates=20", "-S", "train.warmup=20"]
+from helpers_repo import REPO, SMALL, STAGES, copy_repository, dvc_env, ran, run
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (REPO / "pipeline" / "train.py").exists(), reason="the train stage is not merged yet"),
 ]
-
-
-def copy_repository(dest: Path) -> None:
-    """A git repository holding this checkout's files as they are now (tracked and new, not ignored)."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    for name in filter(None, (f.decode() for f in files)):
-        if (REPO / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
-    git = ["git", "-c", "user.name=e2e", "-c", "user.email=e2e@localhost"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "e2e copy"], cwd=dest, check=True)
 
 
 @pytest.fixture(scope="module")
@@ -58,20 +34,7 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the stages' `python`
-    env |= {"DVC_NO_ANALYTICS": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    return env
-
-
-def run(repo, env, *cmd, timeout=600) -> str:
-    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    return out.stdout + out.stderr
-
-
-def ran(log: str) -> list[str]:
-    return [s for s in STAGES if f"Running stage '{s}'" in log]
+    return dvc_env()
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +71,9 @@ def test_mlflow_has_a_parent_per_experiment_with_every_stage(pipeline, repo):
     for parent in parents:
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert sorted(c.data.tags["stage"] for c in children) == sorted(STAGES)
-        for run in [parent, *children]:
-            assert run.data.tags["dvc_experiment"] == parent.info.run_name
-            assert len(run.data.tags["git_commit"]) == 40
+        for r in [parent, *children]:
+            assert r.data.tags["dvc_experiment"] == parent.info.run_name
+            assert len(r.data.tags["git_commit"]) == 40
         for child in children:
             assert child.data.params, f"{child.data.tags['stage']} has no params"
         assert {"bleu", "chrf"} <= set(parent.data.metrics)

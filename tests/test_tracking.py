@@ -2,6 +2,10 @@
 
 import hashlib
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -72,6 +76,9 @@ def test_one_parent_per_execution_with_a_child_per_stage_and_tags(workspace, mon
         assert len(run.data.tags["git_commit"]) in (40, 7) or run.data.tags["git_commit"] == "unknown"
         assert run.data.tags["preset"] == "smoke"
     assert parent.info.run_name == "brisk-lark"
+    # All params on the parent, for MLflow's compare view of a sweep's parents (docs/sweeps.md).
+    assert parent.data.params["preset"] == "smoke" and parent.data.params["bpe.vocab_size"] == "37000"
+    assert parent.data.params["model.dropout"] == "None" and parent.data.params["train.lr_factor"] == "1.0"
     for child in children.values():
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.tags["cached"] == "false"
@@ -147,3 +154,51 @@ def test_artifacts_of_a_local_store_go_beside_it(tmp_path):
         tracking.local_artifact_location(f"sqlite:///{tmp_path}/db/mlflow.db") == (tmp_path / "db" / "mlruns").as_uri()
     )
     assert tracking.local_artifact_location("http://127.0.0.1:5000") is None
+
+
+# A stage process, as DVC starts it: imports, then (once told to go) opens its run in a store no one has used yet.
+STAGE_PROCESS = """
+import os, sys, time
+from pathlib import Path
+from pipeline import tracking
+from pipeline.params import load_params
+tracking.pipeline_key = lambda: "test:" + sys.argv[1]
+params = load_params()
+Path(sys.argv[1] + ".ready").touch()
+while not Path("go").exists():
+    time.sleep(0.005)
+with tracking.stage_run("download", params, ("data",)):
+    tracking.log_stage_metrics({"pairs": 1})
+"""
+
+
+def test_stages_of_experiments_run_at_once_share_a_new_store(workspace, tmp_path):
+    """`dvc queue start -j 2` on a fresh clone: the first stages of both experiments create mlflow.db together.
+    Without the lock one of them fails in MLflow's schema migration ("table experiments already exists")."""
+    uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"
+    write_params(workspace, uri)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    procs = []
+    for i in range(2):
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", STAGE_PROCESS, str(i)],
+                cwd=workspace,
+                env=env | {"DVC_EXP_NAME": f"exp-{i}"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    deadline = time.time() + 120
+    while not all((workspace / f"{i}.ready").exists() for i in range(2)) and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), [p.communicate()[0][-2000:] for p in procs if p.poll()]
+        time.sleep(0.05)
+    (workspace / "go").touch()
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[f"eval-{workspace.name}"], output_format="list")
+    assert sorted(r.info.run_name for r in runs if r.data.tags["kind"] == "pipeline") == ["exp-0", "exp-1"]
+    assert len([r for r in runs if r.data.tags["kind"] == "stage"]) == 2
