@@ -91,8 +91,8 @@ def bpe_reference(bpe_dir: Path) -> dict:
 def average(checkpoints: Path, bpe_dir: Path, out: Path, rule: AverageParams, languages: dict[str, str]) -> dict:
     """Write the averaged model file; returns what was averaged (for logs and metrics)."""
     chosen = select(find_checkpoints(checkpoints), rule)
-    state, config = average_checkpoints([path for _, path in chosen])
-    summary = {"checkpoints": [path.name for _, path in chosen], "updates": [u for u, _ in chosen]}
+    state, config = average_checkpoints([path for _, path in chosen], key="ema" if rule.ema else "model")
+    summary = {"checkpoints": [path.name for _, path in chosen], "updates": [u for u, _ in chosen], "ema": rule.ema}
     save_model(out, (state, config), extra={"bpe": bpe_reference(bpe_dir), "languages": languages, **summary})
     log.info("averaged %d checkpoints (updates %s) into %s", len(chosen), summary["updates"], out)
     return summary

@@ -114,6 +114,10 @@ class TrainParams(Section):
     # Weights-only snapshots at every N minutes of the stage clock (and at the end) for the BLEU-over-time
     # curve of the `curve` stage; None: none (the curve then uses the kept checkpoints).
     snapshot_every_minutes: Annotated[float, Field(gt=0)] | None = None
+    # Not in the paper: an exponential moving average of the weights with this decay, updated after every applied
+    # update, saved in each checkpoint (exact resume) and averaged by the `average` stage with average.ema
+    # (transformer/ema.py); None: none.
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = None
     keep_checkpoints: PositiveInt = 20
     validate_every_updates: PositiveInt = 1000
     # Not in the paper: at every validation, the attention grids and greedy translations of this many fixed
@@ -147,11 +151,14 @@ class AverageParams(Section):
 
     Not in the paper: a window of training time instead of a count, so that one preset averages the same part
     of any budget. `last_minutes` keeps the checkpoints of the last M minutes of training, `last_share` those of
-    the last share f of it; `last`, when also set, then caps their number."""
+    the last share f of it; `last`, when also set, then caps their number. `ema`: average the chosen checkpoints'
+    exponential moving averages of the weights (`train.ema_decay`) instead of their weights (`last: 1`: the
+    final moving average alone)."""
 
     last: PositiveInt | None = 5
     last_minutes: Annotated[float, Field(gt=0)] | None = None
     last_share: Annotated[float, Field(gt=0, le=1)] | None = None
+    ema: bool = False
 
     @model_validator(mode="after")
     def _one_rule(self) -> AverageParams:

@@ -39,6 +39,7 @@ from pipeline.tracking import git_commit, stage_run, tracking_uri
 from pipeline.train_worker import CHECKPOINT_FILE, snapshot_folder, train_loop_per_worker
 from transformer.batching import PackedCorpus
 from transformer.checkpoint import load, save_atomic
+from transformer.ema import averaged_weights
 from transformer.model import make_config
 from transformer.training import TrainingConfig
 
@@ -208,11 +209,14 @@ def kept_checkpoints(result: ray.train.Result) -> list[dict]:
 
 
 def write_checkpoints(states: list[dict], out: Path) -> None:
-    """Weights, config and update of each kept checkpoint (no optimiser: resume state stays in Ray's storage)."""
+    """Weights, config and update of each kept checkpoint (no optimiser: resume state stays in Ray's storage);
+    with train.ema_decay, also the moving average's weights (`ema`, a state_dict like `model`)."""
     with atomic_path(out) as tmp:
         tmp.mkdir()
         for s in states:
             slim = {k: s[k] for k in ("model", "config", "update", "tokens")} | {"elapsed_s": s.get("elapsed_s")}
+            if "ema" in s:
+                slim["ema"] = averaged_weights(s["ema"], s["model"])
             save_atomic(slim, tmp / checkpoint_name(s["update"]))
 
 

@@ -12,7 +12,7 @@ from helpers_eval import make_workspace, mlflow_store, tiny_model, write_checkpo
 from pipeline import average as stage
 from pipeline.layout import find_checkpoints
 from pipeline.params import AverageParams, ParamsError, parse_params
-from transformer.checkpoint import load_model
+from transformer.checkpoint import load_model, save_atomic
 
 
 def constant_checkpoints(folder, values_by_update, elapsed_s=None):
@@ -165,3 +165,27 @@ def test_a_window_over_checkpoints_without_a_clock_says_what_to_do(tmp_path):
 def test_bad_average_rules_name_the_section(section, message):
     with pytest.raises(ParamsError, match=rf"average.*{message}|{message}.*average"):
         parse_params({"average": section})
+
+
+def test_average_ema_takes_the_checkpoints_moving_averages_instead_of_their_weights(tmp_path):
+    # Weights k and moving averages 10k at update 100k: average.ema averages the latter, last 2 -> (20 + 30) / 2.
+    make_workspace(tmp_path, updates=())
+    model = tiny_model()
+    folder = tmp_path / "ckpt"
+    for update, value in ((100, 1.0), (200, 2.0), (300, 3.0)):
+        state = {k: torch.full_like(v, value) for k, v in model.state_dict().items()}
+        ema = {k: torch.full_like(v, 10 * value) for k, v in model.state_dict().items()}
+        blob = {"model": state, "ema": ema, "config": model.cfg.to_dict(), "update": update}
+        save_atomic(blob, folder / f"checkpoint_{update:08d}.pt")
+    bpe = tmp_path / "data" / "bpe"
+    summary = stage.average(folder, bpe, tmp_path / "ema.pt", AverageParams(last=2, ema=True), {})
+    assert summary["updates"] == [200, 300] and summary["ema"] is True
+    averaged, _ = load_model(tmp_path / "ema.pt")
+    assert all(torch.equal(v, torch.full_like(v, 25.0)) for v in floats(averaged.state_dict()))
+    stage.average(folder, bpe, tmp_path / "plain.pt", AverageParams(last=2), {})
+    plain, _ = load_model(tmp_path / "plain.pt")
+    assert all(torch.equal(v, torch.full_like(v, 2.5)) for v in floats(plain.state_dict()))
+    # Checkpoints of a run without train.ema_decay: the error says what to set.
+    write_checkpoint(folder, 400, model.state_dict(), model.cfg.to_dict())
+    with pytest.raises(ValueError, match=r"checkpoint_00000400.pt: no 'ema' entry.*train.ema_decay"):
+        stage.average(folder, bpe, tmp_path / "x.pt", AverageParams(last=2, ema=True), {})

@@ -108,9 +108,11 @@ def run_stage(root: Path, timeout=240, extra_env: dict | None = None) -> subproc
     return proc
 
 
-def reference(max_updates: int, dropout: float = 0.0) -> tuple[Trainer, dict]:
+def reference(max_updates: int, dropout: float = 0.0, **train) -> tuple[Trainer, dict]:
     """The same training in this process, 1 worker, no Ray, no interruption."""
-    cfg = TrainingConfig(**{k: v for k, v in {**TRAIN, "max_updates": max_updates}.items() if k in TRAINING_KEYS})
+    cfg = TrainingConfig(
+        **{k: v for k, v in {**TRAIN, "max_updates": max_updates, **train}.items() if k in TRAINING_KEYS}
+    )
     corpus = PackedCorpus.from_pairs(pairs(64, 0)), PackedCorpus.from_pairs(pairs(16, 1))
     overrides = {k: v for k, v in MODEL.items() if k not in ("arch", "dropout")}
     threads = torch.get_num_threads()
@@ -126,10 +128,10 @@ def reference(max_updates: int, dropout: float = 0.0) -> tuple[Trainer, dict]:
 TRAINING_KEYS = set(TrainingConfig.__dataclass_fields__) - {"start_time", "deadline"}
 
 
-def final_weights(root: Path) -> tuple[int, dict]:
+def final_weights(root: Path, key: str = "model") -> tuple[int, dict]:
     files = sorted((root / "models/checkpoints").glob("checkpoint_*.pt"))
     blob = load(files[-1])
-    return blob["update"], blob["model"]
+    return blob["update"], blob[key]
 
 
 def without_key_bias(name, t):
@@ -193,9 +195,10 @@ def ray_checkpoints(root: Path) -> list[Path]:
 
 
 def test_killed_stage_resumes_when_rerun_and_ends_bit_exact(tmp_path):
-    # Dropout on, 1 worker: the resumed run must replay the uninterrupted run exactly.
+    # Dropout on, 1 worker: the resumed run must replay the uninterrupted run exactly, the moving average of the
+    # weights (train.ema_decay) included.
     model = {**MODEL, "dropout": 0.2}
-    root = make_project(tmp_path / "p", max_updates=12, checkpoint_every_updates=3, keep_checkpoints=10)
+    root = make_project(tmp_path / "p", max_updates=12, checkpoint_every_updates=3, keep_checkpoints=10, ema_decay=0.9)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["model"] = model
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -217,12 +220,11 @@ def test_killed_stage_resumes_when_rerun_and_ends_bit_exact(tmp_path):
     metrics = json.loads((root / "metrics/train.json").read_text())
     assert metrics["updates"] == 12
     assert metrics["resumed_from_update"] is not None and metrics["resumed_from_update"] >= 3
-    ref, ref_weights = reference_with_dropout(12, 0.2)
+    ref, ref_weights = reference(12, 0.2, ema_decay=0.9)
     update, weights = final_weights(root)
     assert update == 12
     for k, v in ref_weights.items():
         assert torch.equal(weights[k], v), k
-
-
-def reference_with_dropout(max_updates, dropout):
-    return reference(max_updates, dropout)
+    _, ema = final_weights(root, "ema")
+    for k, v in ref.ema.weights().items():
+        assert torch.equal(ema[k], v), k

@@ -73,8 +73,9 @@ def average_state_dicts(states: Iterable[dict[str, torch.Tensor]]) -> dict[str, 
     return {k: (total[k] / n).to(dtypes[k]) if k in total else kept[k] for k in keys}
 
 
-def average_checkpoints(paths: Sequence[str | Path]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Average the `model` entries of training checkpoints, read one at a time; returns (state_dict, config)."""
+def average_checkpoints(paths: Sequence[str | Path], key: str = "model") -> tuple[dict[str, torch.Tensor], dict]:
+    """Average the `model` entries of training checkpoints (or another entry holding a state_dict, e.g. `ema`),
+    read one at a time; returns (state_dict, config)."""
     configs: list[dict] = []
 
     def states() -> Iterator[dict[str, torch.Tensor]]:
@@ -83,7 +84,10 @@ def average_checkpoints(paths: Sequence[str | Path]) -> tuple[dict[str, torch.Te
             if configs and ckpt["config"] != configs[0]:
                 raise ValueError(f"{p}: model config differs from {paths[0]}; cannot average")
             configs.append(ckpt["config"])
-            yield ckpt["model"]
+            if key not in ckpt:
+                hint = " (train with train.ema_decay set)" if key == "ema" else ""
+                raise ValueError(f"{p}: no '{key}' entry{hint}")
+            yield ckpt[key]
 
     return average_state_dicts(states()), configs[0]
 

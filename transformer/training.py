@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from transformer.batching import Batch, BatchPlan, Position, collate, fixed_batches
+from transformer.ema import WeightAverage
 from transformer.loss import LossSums, projected_label_smoothed_nll_loss
 from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer, TransformerConfig
 from transformer.rng import reseed, rng_state, set_rng_state
@@ -51,6 +52,7 @@ class TrainingConfig:
     checkpoint_every_updates: int | None = None
     checkpoint_every_minutes: float | None = 10.0
     snapshot_every_minutes: float | None = None  # weights-only snapshots for the BLEU-over-time curve
+    ema_decay: float | None = None  # an exponential moving average of the weights, kept in checkpoints (ema.py)
     max_bad_updates: int = 10
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere
     compile: bool = False
@@ -139,6 +141,8 @@ class Trainer:
             self.module, model_cfg.d_model, cfg.warmup, cfg.lr_factor, cfg.adam_betas, cfg.adam_eps,
             cfg.cooldown, lambda: self._progress,
         )  # fmt: skip
+        # Not in the paper, opt-in: float32 shadow weights averaged after each applied update (transformer/ema.py).
+        self.ema = WeightAverage(self.module, cfg.ema_decay) if cfg.ema_decay is not None else None
         self.train_data, self.valid_data = train_data, valid_data
         self.plan = BatchPlan(
             train_data.src_lengths, train_data.tgt_lengths, cfg.update_tokens, cfg.max_tokens, cfg.seed
@@ -210,6 +214,8 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         if applied:
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
             self.update, self.bad_in_row, self.tokens = self.update + 1, 0, self.tokens + tokens
             self._progress = max(self.update / self.cfg.max_updates, s[-1])
             self.scheduler.step()
@@ -261,7 +267,7 @@ class Trainer:
             "rng": rng_state(),
             "world_size": self.world_size,
             "elapsed_s": time.time() - self.cfg.start_time,  # on the stage clock: where the BLEU curve puts it
-        }
+        } | ({"ema": self.ema.state_dict()} if self.ema is not None else {})
 
     def load_state_dict(self, state: dict) -> None:
         if state["config"] != self.model_cfg.to_dict():
@@ -269,6 +275,10 @@ class Trainer:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ValueError("checkpoint has no weight average: train.ema_decay was not set when it was written")
+            self.ema.load_state_dict(state["ema"])
         self.update, self.skipped, self.tokens = state["update"], state["skipped"], state["tokens"]
         self.bad_in_row = state["bad_in_row"]
         self.position = Position(**state["position"])
