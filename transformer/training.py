@@ -25,6 +25,7 @@ from transformer.batching import Batch, BatchPlan, Position, collate, fixed_batc
 from transformer.ema import WeightAverage
 from transformer.loss import LossSums, projected_label_smoothed_nll_loss
 from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer, TransformerConfig
+from transformer.progress import LogWindow, progress_line
 from transformer.rng import reseed, rng_state, set_rng_state
 from transformer.schedule import make_optimizer
 
@@ -109,13 +110,6 @@ def marks_passed(elapsed_s: float, every_minutes: float | None) -> int:
     return int(elapsed_s // (every_minutes * 60.0))
 
 
-def hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 class Trainer:
     """Model, optimiser, schedule, batch plan and position of one worker; `fit()` runs to the end."""
 
@@ -154,12 +148,11 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         self.update, self.position, self.skipped, self.bad_in_row, self.tokens = 0, Position(), 0, 0, 0
         self.history: dict[str, list[dict]] = {"train": [], "valid": []}
-        self._window = [0.0, 0.0, 0, 0.0, time.time()]  # loss sum, nll sum, tokens, grad norm, window start
         self._last_checkpoint = (-1, time.time())  # (update, wall clock)
         self._last_valid_update = -1
         self._snapshots = marks_passed(time.time() - cfg.start_time, cfg.snapshot_every_minutes)  # marks done
         self._last_snapshot_update = -1
-        self._lr = self.scheduler.get_last_lr()[0]
+        self.window = LogWindow(self.scheduler.get_last_lr()[0])
         self._first_update: tuple[float, float] | None = None  # (start, seconds) of this process's first update
 
     # --- one update ---
@@ -343,7 +336,7 @@ class Trainer:
             if step.applied and step.flags[2]:
                 self.snapshot(hooks)
             reason = "max_minutes" if step.flags[1] else self.done()
-        if self._window[2]:
+        if self.window.tokens:
             hooks.on_log(self, self.log_record())
         if self._last_valid_update != self.update and self.valid_batches:
             hooks.on_validate(self, self.validate())
@@ -362,47 +355,16 @@ class Trainer:
             print(f"first update started {startup:.1f} s after the stage did, and took {seconds:.1f} s", flush=True)
 
     def accumulate(self, step: Step) -> None:
-        if step.applied:
-            w = self._window
-            w[0] += step.loss * step.tokens
-            w[1] += step.nll * step.tokens
-            w[2] += step.tokens
-            w[3] = step.grad_norm
-        self._lr = step.lr
+        self.window.add(step.applied, step.loss, step.nll, step.tokens, step.grad_norm, step.lr)
 
     def log_record(self) -> dict:
         """The train row since the last one (token-weighted means), printed on rank 0 as the progress line."""
-        loss_sum, nll_sum, tokens, grad_norm, since = self._window
-        now = time.time()
-        tokens = max(tokens, 1)
-        rate = tokens / max(now - since, 1e-9)
-        record = {
-            "update": self.update,
-            "loss": loss_sum / tokens,
-            "nll": nll_sum / tokens,
-            "ppl": math.exp(min(nll_sum / tokens, 700.0)),
-            "lr": self._lr,
-            "tokens_per_s": rate,
-            "grad_norm": grad_norm,
-            "skipped": self.skipped,
-            "elapsed_s": now - self.cfg.start_time,
-        }
+        record = self.window.row(self.update, self.skipped, self.cfg.start_time)
         self.history["train"].append(record)
-        self._window = [0.0, 0.0, 0, 0.0, now]
         if self.rank == 0:
-            print(self.progress_line(record), flush=True)
+            per_update = self.tokens / max(self.update, 1)
+            print(progress_line(record, per_update, self.cfg.max_updates - self.update, self.cfg.deadline), flush=True)
         return record
-
-    def progress_line(self, r: dict) -> str:
-        per_update = r["tokens_per_s"] and (self.tokens / max(self.update, 1)) / r["tokens_per_s"]
-        eta = (self.cfg.max_updates - self.update) * per_update
-        if self.cfg.deadline is not None:
-            eta = min(eta, max(self.cfg.deadline - time.time(), 0.0))
-        return (
-            f"update {r['update']:>7} | loss {r['loss']:.3f} | ppl {r['ppl']:.2f} | lr {r['lr']:.3g} | "
-            f"{r['tokens_per_s']:,.0f} tok/s | gnorm {r['grad_norm']:.3g} | skipped {r['skipped']} | "
-            f"elapsed {hms(r['elapsed_s'])} | ETA {hms(eta)}"
-        )
 
     def checkpoint(self, hooks: Hooks) -> None:
         if not self.weights_finite():  # identical weights on every rank, so every rank raises together
