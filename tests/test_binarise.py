@@ -2,6 +2,7 @@
 
 import errno
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -116,9 +117,7 @@ def test_workers_do_not_change_the_result(stages, tmp_path, monkeypatch):
 def test_misaligned_raw_names_split_and_counts(stages, tmp_path):
     raw, bpe = stages
     bad = tmp_path / "raw"
-    bad.mkdir()
-    for f in raw.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(raw, bad)
     with open(bad / "test.de", "a", encoding="utf-8") as f:
         f.write("Noch ein Satz.\n")
     with pytest.raises(bz.BinariseError, match=r"split 'test': .*test.en has 200 lines but .*test.de has 201"):
@@ -220,9 +219,7 @@ def test_a_full_disk_is_named_with_what_to_do_and_leaves_the_old_output(
 def test_a_10000_token_training_line_is_dropped_and_counted(stages, tmp_path):
     raw, bpe = stages
     edited = tmp_path / "raw"
-    edited.mkdir()
-    for f in raw.iterdir():
-        (edited / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(raw, edited)
     for lang, word in (("en", "dog"), ("de", "Hund")):
         with open(edited / f"train.{lang}", "a", encoding="utf-8") as f:
             f.write(" ".join([word] * 10_000) + "\n")
