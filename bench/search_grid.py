@@ -27,6 +27,7 @@ from pipeline.translate import SearchOptions, Translator, read_lines  # noqa: E4
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--spm", type=Path, default=None, help="sentencepiece model, for a model file without one")
     ap.add_argument("--raw", type=Path, default=Path("data/raw"))
     ap.add_argument("--split", choices=["valid", "test"], default="valid")
     ap.add_argument("--src", default="en")
@@ -45,7 +46,9 @@ def main() -> None:
     for beam in args.beams:
         for alpha in args.alphas:
             t0 = time.perf_counter()
-            translator = Translator.from_file(args.model, SearchOptions(beam=beam, alpha=alpha), device="cpu")
+            translator = Translator.from_file(
+                args.model, SearchOptions(beam=beam, alpha=alpha), device="cpu", spm_path=args.spm
+            )
             hyps = translator.translate(sources)
             seconds = time.perf_counter() - t0
             s = score(hyps, refs)
