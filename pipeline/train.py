@@ -45,7 +45,8 @@ from transformer.training import TrainingConfig
 
 METRICS_FILE = Path("metrics/train.json")
 TRAIN_PLOT, VALID_PLOT = Path("plots/train.csv"), Path("plots/valid.csv")
-# Keys that do not change which weights a run produces: a rerun that differs only in these resumes.
+# Keys that do not change which weights a run produces: a rerun that differs only in these resumes (a longer
+# budget continues the run). The budget's own keys are among them only without a cool-down (BUDGET).
 NOT_TRAJECTORY = {
     "max_updates", "max_epochs", "max_minutes", "checkpoint_every_minutes", "checkpoint_every_updates",
     "snapshot_every_minutes", "keep_checkpoints", "validate_every_updates", "inspect_sentences", "log_every_updates",
@@ -53,6 +54,9 @@ NOT_TRAJECTORY = {
     "use_gpu", "cpus_per_worker", "accelerator_type",
     "compile", "max_bad_updates", "storage_path", "run_name", "crash_at_update", "max_failures",
 }  # fmt: skip
+# With train.cooldown > 0 the rate falls to 0 over the last share of max_updates or max_minutes, so the budget
+# shapes every update after the cool-down starts: a 20-minute rerun must not resume a 60-minute run's checkpoints.
+BUDGET = {"max_updates", "max_minutes"}
 
 
 def load_data(folder: Path) -> tuple[dict, PackedCorpus, PackedCorpus | None]:
@@ -71,7 +75,8 @@ def fingerprint(params: Params, data: Path) -> str:
     """Hash of what shapes the trajectory: model, optimisation and batching params, and the data itself."""
     h = hashlib.sha256()
     h.update(json.dumps(params.model.model_dump(mode="json"), sort_keys=True).encode())
-    train = {k: v for k, v in params.train.model_dump(mode="json").items() if k not in NOT_TRAJECTORY}
+    ignored = NOT_TRAJECTORY - BUDGET if params.train.cooldown > 0 else NOT_TRAJECTORY
+    train = {k: v for k, v in params.train.model_dump(mode="json").items() if k not in ignored}
     h.update(json.dumps(train, sort_keys=True).encode())
     for path in sorted(data.glob("meta.json")) + sorted(data.glob("*.idx.npy")):
         h.update(path.name.encode() + path.read_bytes())
