@@ -228,3 +228,25 @@ def test_killed_stage_resumes_when_rerun_and_ends_bit_exact(tmp_path):
     _, ema = final_weights(root, "ema")
     for k, v in ref.ema.weights().items():
         assert torch.equal(ema[k], v), k
+
+
+def test_a_rerun_resumes_only_a_run_of_the_same_trajectory(tmp_path):
+    """A rerun resumes the Ray run named by `fingerprint`. On the paper's schedule a longer budget continues a run;
+    with a cool-down the rate follows the budget, so another budget is another run (a 20-minute rerun of the
+    multi30k preset once resumed a 60-minute run's checkpoints). Checkpointing and logging never matter."""
+    from pipeline.params import parse_params
+    from pipeline.train import fingerprint
+
+    write_bin(tmp_path / "bin")
+
+    def run_name(**train) -> str:
+        return fingerprint(parse_params({"model": MODEL, "train": {**TRAIN, **train}}), tmp_path / "bin")
+
+    assert run_name(max_updates=100) == run_name(max_updates=200)
+    assert run_name(max_minutes=20) == run_name(max_minutes=60)
+    assert run_name(cooldown=0.3, max_updates=100) != run_name(cooldown=0.3, max_updates=200)
+    assert run_name(cooldown=0.3, max_minutes=20) != run_name(cooldown=0.3, max_minutes=60)
+    quiet = dict(keep_checkpoints=2, checkpoint_every_updates=5, validate_every_updates=7, log_every_updates=9)
+    assert run_name(cooldown=0.3, max_minutes=20, **quiet) == run_name(cooldown=0.3, max_minutes=20)
+    assert run_name(cooldown=0.3) != run_name(cooldown=0.2)
+    assert run_name(lr_factor=0.5) != run_name()
