@@ -58,7 +58,7 @@ class TrainingConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere
     compile: bool = False
     start_time: float = field(default_factory=time.time)  # wall clock of the run's start (stage start)
-    deadline: float | None = None  # wall clock at which to stop, checkpointed
+    deadline: float | None = None  # wall clock at which to stop; not checkpointed: a resumed stage sets its own
 
 
 @dataclass
