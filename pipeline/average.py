@@ -41,9 +41,10 @@ def select_last(checkpoints: list[tuple[int, Path]], last: int) -> list[tuple[in
 def training_minutes(checkpoints: list[tuple[int, Path]]) -> list[float]:
     """Minutes of training at each checkpoint (oldest update first), on one clock across resumed stages.
 
-    A checkpoint's `elapsed_s` counts from the start of the stage that wrote it. A stage that resumes starts from
-    the newest checkpoint, the one before its own first, and its clock starts again: where the clock goes back,
-    the new reading is the time since that checkpoint. Only the metadata is read; the weights stay mapped."""
+    A checkpoint's `elapsed_s` is the run's clock, which a resumed stage carries on from the checkpoint it
+    resumed, so readings rise across stages. Checkpoints written before the clock was carried restart it in a
+    resumed stage: where the clock goes back, the new reading is the time since the checkpoint before it (the
+    one resumed). Only the metadata is read; the weights stay mapped."""
     minutes, total, previous = [], 0.0, None
     for _, path in checkpoints:
         elapsed = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("elapsed_s")

@@ -98,7 +98,8 @@ class TrainParams(Section):
     max_tokens: PositiveInt = 4096  # per worker per forward pass (memory); accumulation is derived
     max_updates: PositiveInt = 100_000  # §5.2: 100k steps for base
     max_epochs: PositiveInt | None = None
-    max_minutes: Annotated[float, Field(gt=0)] | None = None  # wall-clock budget, Ray start-up included
+    # Wall-clock budget, Ray start-up included; a resumed run goes on from the time its checkpoint carries.
+    max_minutes: Annotated[float, Field(gt=0)] | None = None
     lr_factor: Annotated[float, Field(gt=0)] = 1.0
     warmup: PositiveInt = 4000
     # Share of the budget (max_minutes if set, else max_updates; whichever is nearer its end) over which the

@@ -223,7 +223,7 @@ def train_loop_per_worker(config: dict) -> dict:
         if rank == 0:
             print(
                 f"resumed from update {trainer.update} (epoch {trainer.position.epoch}, batch "
-                f"{trainer.position.index})",
+                f"{trainer.position.index}) at minute {trainer.clock() / 60:.1f} of the run's clock",
                 flush=True,
             )
     hooks = RayHooks(

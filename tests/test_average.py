@@ -128,7 +128,8 @@ def test_last_minutes_and_last_share_choose_by_training_time(tmp_path):
 
 
 def test_a_window_spans_a_resumed_stage_whose_clock_started_again(tmp_path):
-    # The stage died after update 300 (minute 6) and a new stage resumed from it: its clock reads 100 s and
+    # Checkpoints from before the clock was carried over a resume (they are still read): the stage died after
+    # update 300 (minute 6) and a new stage resumed from it: its clock reads 100 s and
     # 220 s at updates 400 and 500, i.e. training minutes 6 + 1.67 and 6 + 3.67.
     constant_checkpoints(tmp_path, EVERY_2_MINUTES, [120.0, 240.0, 360.0, 100.0, 220.0])
     minutes = stage.training_minutes(find_checkpoints(tmp_path))

@@ -4,6 +4,7 @@ and counted, and the state loads with `torch.load(weights_only=True)`."""
 import io
 import math
 import time
+import types
 import warnings
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from transformer import training
 from transformer.batching import PackedCorpus
 from transformer.model import EOS_ID, make_config
 from transformer.schedule import rate
@@ -245,3 +247,45 @@ def test_summary_times_the_start_up_and_the_first_update(capsys):
     assert 5.0 <= summary["startup_s"] < 5.0 + (time.time() - start - 5.0)
     assert 0 < summary["first_update_s"] <= time.time() - start - summary["startup_s"]
     assert "first update started" in capsys.readouterr().out
+
+
+class FakeClock(Record):
+    """Stands in for `time` inside transformer.training: each update takes `per_update` seconds from `now`."""
+
+    def __init__(self, now: float, per_update: float):
+        super().__init__()
+        self.now, self.per_update = now, per_update
+
+    def time(self) -> float:
+        return self.now
+
+    def on_update(self, trainer, step):
+        super().on_update(trainer, step)
+        self.now += self.per_update
+
+
+def test_a_resumed_run_spends_the_rest_of_its_time_budget_and_cools_down_as_if_never_stopped(monkeypatch):
+    # 30 s an update, a 300 s budget cooled down over its second half. Straight: the clock reads 300 s before
+    # update 11, which still runs. Killed after the checkpoint at update 4 (clock 120 s), the rerun's stage
+    # starts at 5,000 s and its workers at 5,040 s: it must spend the 180 s left, not a fresh 300 s from its own
+    # start (the clock used to start again), with the straight run's lr at every update.
+    cfg = dict(max_updates=1000, cooldown=0.5, checkpoint_every_updates=4, validate_every_updates=100)
+    straight = FakeClock(now=0.0, per_update=30.0)
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(time=straight.time))
+    Trainer(model_cfg(0.3), train_cfg(**cfg, start_time=0.0, deadline=300.0), tiny_corpus(), None).fit(straight)
+    assert straight.checkpoints[-1]["update"] == 11 and straight.checkpoints[-1]["elapsed_s"] == 330.0
+
+    rerun = FakeClock(now=5040.0, per_update=30.0)
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(time=rerun.time))
+    trainer = Trainer(model_cfg(0.3), train_cfg(**cfg, start_time=5000.0, deadline=5300.0), tiny_corpus(), None)
+    trainer.load_state_dict(straight.checkpoints[0])
+    assert trainer.clock() == 120.0
+    summary = trainer.fit(rerun)
+    assert summary["updates"] == 11 and summary["stopped_by"] == "max_minutes"
+    assert rerun.lrs == straight.lrs[4:]
+    # Update n runs at rate(n) times the cool-down of the clock read before update n - 1: 30 (n - 2) / 300 spent.
+    multiplier = [1, 1, 1, 0.8, 0.6, 0.4, 0.2]
+    expected = [rate(n, 32, 2) * m for n, m in zip(range(5, 12), multiplier, strict=True)]
+    assert rerun.lrs == pytest.approx(expected, rel=1e-6)  # the clock's share is reduced in float32
+    assert [c["elapsed_s"] for c in rerun.checkpoints] == [c["elapsed_s"] for c in straight.checkpoints[1:]]
+    assert all(torch.equal(trainer.module.state_dict()[k], v) for k, v in straight.checkpoints[-1]["model"].items())

@@ -58,7 +58,9 @@ class TrainingConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere
     compile: bool = False
     start_time: float = field(default_factory=time.time)  # wall clock of the run's start (stage start)
-    deadline: float | None = None  # wall clock at which to stop; not checkpointed: a resumed stage sets its own
+    # Wall clock at which to stop, were the run never interrupted: the budget is deadline - start_time, and a
+    # resumed run spends only what its checkpoint's clock (`elapsed_s`) has not (Trainer.load_state_dict).
+    deadline: float | None = None
 
 
 @dataclass
@@ -150,7 +152,11 @@ class Trainer:
         self.history: dict[str, list[dict]] = {"train": [], "valid": []}
         self._last_checkpoint = (-1, time.time())  # (update, wall clock)
         self._last_valid_update = -1
-        self._snapshots = marks_passed(time.time() - cfg.start_time, cfg.snapshot_every_minutes)  # marks done
+        # The run's clock reads time.time() - clock_start: the stage's clock, until a resume moves its zero so
+        # that it goes on from the time the checkpoint carries (fairseq's cumulative training time, likewise).
+        self.clock_start = cfg.start_time
+        self.budget_s = None if cfg.deadline is None else cfg.deadline - cfg.start_time
+        self._snapshots = marks_passed(self.clock(), cfg.snapshot_every_minutes)  # marks done
         self._last_snapshot_update = -1
         self.window = LogWindow(self.scheduler.get_last_lr()[0])
         self._first_update: tuple[float, float] | None = None  # (start, seconds) of this process's first update
@@ -259,7 +265,7 @@ class Trainer:
             "history": self.history,
             "rng": rng_state(),
             "world_size": self.world_size,
-            "elapsed_s": time.time() - self.cfg.start_time,  # on the stage clock: where the BLEU curve puts it
+            "elapsed_s": self.clock(),  # on the run's clock: where the BLEU curve puts it, what a resume goes on from
         } | ({"ema": self.ema.state_dict()} if self.ema is not None else {})
 
     def load_state_dict(self, state: dict) -> None:
@@ -285,8 +291,12 @@ class Trainer:
             )
         self._last_checkpoint = (self.update, time.time())
         self._last_valid_update = self.history["valid"][-1]["update"] if self.history["valid"] else -1
-        # Marks missed while the workers restarted are skipped: a snapshot stands for the time it is labelled.
-        self._snapshots = marks_passed(time.time() - self.cfg.start_time, self.cfg.snapshot_every_minutes)
+        # The clock goes on from the checkpoint's reading: the time budget, the cool-down that follows it and the
+        # snapshot marks come out as in an uninterrupted run; the time lost to the crash and restart is not
+        # charged (the updates since the checkpoint are redone). Older checkpoints carry no clock: the stage's.
+        if state.get("elapsed_s") is not None:
+            self.clock_start = time.time() - state["elapsed_s"]
+        self._snapshots = marks_passed(self.clock(), self.cfg.snapshot_every_minutes)
 
     def weights_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
@@ -297,15 +307,22 @@ class Trainer:
         """(checkpoint due by time, out of time, snapshot due) by this rank's clock; rank 0's decides for all."""
         now, every = time.time(), self.cfg.checkpoint_every_minutes
         due = every is not None and now - self._last_checkpoint[1] >= every * 60
-        snapshot = marks_passed(now - self.cfg.start_time, self.cfg.snapshot_every_minutes) > self._snapshots
+        snapshot = marks_passed(now - self.clock_start, self.cfg.snapshot_every_minutes) > self._snapshots
         return due, self.clock_progress() >= 1.0, snapshot
+
+    def clock(self) -> float:
+        """Seconds on the run's clock: since the stage started, plus what the checkpoint resumed from carried."""
+        return time.time() - self.clock_start
+
+    def deadline(self) -> float | None:
+        """The wall clock at which this rank's clock runs out of the time budget (None without one)."""
+        return None if self.budget_s is None else self.clock_start + self.budget_s
 
     def clock_progress(self) -> float:
         """The share of the wall-clock budget spent by this rank's clock (0 without a deadline)."""
-        if self.cfg.deadline is None:
+        if self.budget_s is None:
             return 0.0
-        span = self.cfg.deadline - self.cfg.start_time
-        return min(1.0, (time.time() - self.cfg.start_time) / span) if span > 0 else 1.0
+        return min(1.0, self.clock() / self.budget_s) if self.budget_s > 0 else 1.0
 
     def done(self) -> str | None:
         if self.update >= self.cfg.max_updates:
@@ -359,11 +376,11 @@ class Trainer:
 
     def log_record(self) -> dict:
         """The train row since the last one (token-weighted means), printed on rank 0 as the progress line."""
-        record = self.window.row(self.update, self.skipped, self.cfg.start_time)
+        record = self.window.row(self.update, self.skipped, self.clock_start)
         self.history["train"].append(record)
         if self.rank == 0:
             per_update = self.tokens / max(self.update, 1)
-            print(progress_line(record, per_update, self.cfg.max_updates - self.update, self.cfg.deadline), flush=True)
+            print(progress_line(record, per_update, self.cfg.max_updates - self.update, self.deadline()), flush=True)
         return record
 
     def checkpoint(self, hooks: Hooks) -> None:
@@ -375,7 +392,7 @@ class Trainer:
 
     def snapshot(self, hooks: Hooks, final: bool = False) -> None:
         """Weights only, labelled with the latest mark passed (or, `final`, with the time at the end)."""
-        elapsed = time.time() - self.cfg.start_time
+        elapsed = self.clock()
         every = self.cfg.snapshot_every_minutes
         self._snapshots = max(self._snapshots + (not final), marks_passed(elapsed, every))
         snapshot = None
