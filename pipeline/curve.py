@@ -8,7 +8,8 @@ the valid split with the `decode` search settings (batching: the same `Translato
 and `curve.alpha` replacing beam and alpha where set (beam 1: greedy, much cheaper for many snapshots), and
 is scored with sacreBLEU against the raw references. With no snapshots (`snapshot_every_minutes: null`, the
 smoke preset) the kept checkpoints are the points, each at the stage-clock minute it was written. The x axis is
-minutes on the train stage's clock (Ray start-up included, like `train.max_minutes`); single models, never
+minutes on the run's clock (Ray start-up included, like `train.max_minutes`; a resumed stage's clock goes on
+from its checkpoint's, and it takes only its own snapshots); single models, never
 averages, so a point says what stopping at that minute gives before averaging.
 """
 
