@@ -59,9 +59,9 @@ def marian_config(model: Transformer):
         scale_embedding=True,  # §3.4: embeddings multiplied by √d_model
         share_encoder_decoder_embeddings=True,  # §3.4: one matrix for source, target and output
         tie_word_embeddings=True,
-        dropout=cfg.dropout,  # §5.4: residual and embedding dropout only
-        attention_dropout=0.0,
-        activation_dropout=0.0,
+        dropout=cfg.dropout,  # §5.4: residual and embedding dropout
+        attention_dropout=cfg.attention_dropout,  # opt-in, 0 in the paper's presets; Marian's are the same places
+        activation_dropout=cfg.activation_dropout,
         encoder_layerdrop=0.0,
         decoder_layerdrop=0.0,
         pad_token_id=cfg.pad_id,

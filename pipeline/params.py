@@ -85,6 +85,9 @@ class ModelParams(Section):
     d_ff: PositiveInt | None = None
     heads: PositiveInt | None = None
     dropout: Probability | None = None
+    # Opt-in, not the paper's (0 unless set): dropout of the attention weights and of the FFN's hidden units.
+    attention_dropout: Probability | None = None
+    activation_dropout: Probability | None = None
 
     def overrides(self) -> dict:
         return {k: v for k, v in self.model_dump(exclude={"arch"}).items() if v is not None}

@@ -33,7 +33,11 @@ class TransformerConfig:
     d_model: int = 512
     d_ff: int = 2048
     heads: int = 8  # h (§3.2.2)
-    dropout: float = 0.1  # P_drop (§5.4)
+    dropout: float = 0.1  # P_drop (§5.4): sub-layer outputs and embedding sums
+    # Not in the paper, opt-in (fairseq's --attention-dropout, --activation-dropout): dropout of the attention
+    # weights softmax(QKᵀ/√d_k), and of the FFN's hidden units max(0, xW1 + b1); 0 leaves the paper's model.
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
     max_positions: int = 1024
     pad_id: int = PAD_ID
 
@@ -95,9 +99,10 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool) -
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O (§3.2.2); projections fused where inputs coincide."""
 
-    def __init__(self, d_model: int, heads: int, self_attention: bool):
+    def __init__(self, d_model: int, heads: int, self_attention: bool, dropout: float = 0.0):
         super().__init__()
         self.heads, self.d_k = heads, d_model // heads
+        self.dropout = dropout  # of the attention weights, while training
         self.self_attention = self_attention
         if self_attention:
             self.in_proj = nn.Linear(d_model, 3 * d_model)  # W^Q, W^K, W^V in one matmul
@@ -118,13 +123,14 @@ class MultiHeadAttention(nn.Module):
         return self.split_heads(k), self.split_heads(v)  # (B, h, S, d_k) each
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        p = self.dropout if self.training else 0.0
         if self.recorder is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, h, T, d_k)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         else:
             weights = attention_weights(q, k, mask, causal)  # (B, h, T, S)
             self.recorder.append(weights.detach())
-            out = weights.to(v.dtype) @ v
-        B, _, T, _ = out.shape
+            out = F.dropout(weights, p).to(v.dtype) @ v
+        B, _, T, _ = out.shape  # out (B, h, T, d_k)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.d_k))  # (B, T, d_model)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
@@ -134,17 +140,19 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Sequential):
-    """FFN(x) = max(0, x W1 + b1) W2 + b2 (§3.3)."""
+    """FFN(x) = max(0, x W1 + b1) W2 + b2 (§3.3), with `dropout` of the hidden units while training."""
 
-    def __init__(self, d_model: int, d_ff: int):
-        super().__init__(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Linear(d_ff, d_model))
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+        # The activation (and its dropout) stays element 1, so parameter names are ffn.0.* and ffn.2.* either way.
+        activation = nn.Sequential(nn.ReLU(), Dropout(dropout)) if dropout else nn.ReLU()
+        super().__init__(nn.Linear(d_model, d_ff), activation, nn.Linear(d_ff, d_model))
 
 
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.heads, self_attention=True)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff)
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.heads, True, cfg.attention_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout)
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.dropout = Dropout(cfg.dropout)
 
@@ -156,9 +164,9 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.heads, self_attention=True)
-        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.heads, self_attention=False)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff)
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.heads, True, cfg.attention_dropout)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.heads, False, cfg.attention_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
         self.dropout = Dropout(cfg.dropout)
 
