@@ -52,7 +52,7 @@ def parse_contender(spec: str) -> tuple[str, str, dict, int | None, int]:
         elif key == "update_tokens":
             update_tokens = int(value)
         else:
-            overrides[key] = float(value) if key == "dropout" else int(value)
+            overrides[key] = float(value) if key.endswith("dropout") else int(value)
     return name, arch, overrides, vocab, update_tokens
 
 
