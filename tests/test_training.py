@@ -32,8 +32,9 @@ def tiny_corpus(n=64, seed=0) -> PackedCorpus:
     return PackedCorpus.from_pairs(pairs)
 
 
-def model_cfg(dropout=0.0):
-    return make_config("tiny", VOCAB, d_model=32, d_ff=64, heads=2, encoder_layers=1, decoder_layers=1, dropout=dropout)
+def model_cfg(dropout=0.0, **extra):
+    shape = dict(d_model=32, d_ff=64, heads=2, encoder_layers=1, decoder_layers=1)
+    return make_config("tiny", VOCAB, **shape, dropout=dropout, **extra)
 
 
 def train_cfg(**kw):
@@ -130,15 +131,17 @@ def test_resuming_on_another_number_of_workers_warns_that_masks_differ():
         trainer.load_state_dict({**state, "world_size": 2})
 
 
-def test_resume_from_a_checkpoint_is_bit_exact():
+@pytest.mark.parametrize("extra", [{}, dict(attention_dropout=0.2, activation_dropout=0.2)], ids=["paper", "attn-act"])
+def test_resume_from_a_checkpoint_is_bit_exact(extra):
     # Dropout on: exactness needs the reseeding by data position, not only the saved RNG state; the cool-down
-    # needs the lr of the first resumed update, which the optimizer state carries.
+    # needs the lr of the first resumed update, which the optimizer state carries. The opt-in attention-weight
+    # dropout draws its masks inside scaled_dot_product_attention, from the same reseeded generator.
     cfg = train_cfg(max_updates=6, checkpoint_every_updates=3, cooldown=0.5)
-    straight = Trainer(model_cfg(0.3), cfg, tiny_corpus(), tiny_corpus(16, 1))
+    straight = Trainer(model_cfg(0.3, **extra), cfg, tiny_corpus(), tiny_corpus(16, 1))
     hooks = Record()
     straight.fit(hooks)
     assert [c["update"] for c in hooks.checkpoints] == [3, 6]
-    resumed = Trainer(model_cfg(0.3), cfg, tiny_corpus(), tiny_corpus(16, 1))
+    resumed = Trainer(model_cfg(0.3, **extra), cfg, tiny_corpus(), tiny_corpus(16, 1))
     resumed.load_state_dict(hooks.checkpoints[0])
     summary = resumed.fit(Record())
     assert summary["updates"] == 6
