@@ -1,18 +1,13 @@
 """Opt-in dropout of the attention weights and of the FFN's hidden units (`attention_dropout`,
 `activation_dropout`; fairseq's flags of the same names), checked against their definitions."""
 
-import math
-
 import pytest
 import torch
+from test_dropout import within_5_sigma  # the kept-share bound the paper's dropout is checked with
 from torch import nn
 
 from transformer import Transformer, make_config
 from transformer.model import FeedForward, MultiHeadAttention, attention_weights
-
-
-def within_5_sigma(share: float, prob: float, n: int) -> bool:
-    return abs(share - prob) < 5 * math.sqrt(prob * (1 - prob) / n)
 
 
 def _identity_(linear: nn.Linear) -> None:
