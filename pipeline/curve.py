@@ -7,10 +7,10 @@ Each weights-only snapshot the train stage took every `train.snapshot_every_minu
 the valid split with the `decode` search settings (batching: the same `Translator` as `decode`), `curve.beam`
 and `curve.alpha` replacing beam and alpha where set (beam 1: greedy, much cheaper for many snapshots), and
 is scored with sacreBLEU against the raw references. With no snapshots (`snapshot_every_minutes: null`, the
-smoke preset) the kept checkpoints are the points, each at the stage-clock minute it was written. The x axis is
-minutes on the run's clock (Ray start-up included, like `train.max_minutes`; a resumed stage's clock goes on
-from its checkpoint's, and it takes only its own snapshots); single models, never
-averages, so a point says what stopping at that minute gives before averaging.
+smoke preset) the kept checkpoints are the points, each at the minute it was written. The x axis is minutes on
+the run's clock (Ray start-up included, like `train.max_minutes`; a resumed stage's clock goes on from its
+checkpoint's, so the snapshots of a crashed stage and of its rerun are points of one curve); single models,
+never averages, so a point says what stopping at that minute gives before averaging.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def snapshot_points(snapshots: Path) -> list[dict]:
 
 
 def checkpoint_points(checkpoints: Path) -> list[dict]:
-    """The kept checkpoints, each at the stage-clock minute it was written (`elapsed_s` inside the file)."""
+    """The kept checkpoints, each at the run-clock minute it was written (`elapsed_s` inside the file)."""
     points = []
     for update, path in find_checkpoints(checkpoints):
         state = load(path)
@@ -118,7 +118,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     for r in rows:
         ax.annotate(f"{r['bleu']:.1f}", (r["minutes"], r["bleu"]), textcoords="offset points", xytext=(0, 6),
                     ha="center", fontsize=8)  # fmt: skip
-    ax.set_xlabel("training minutes (train stage clock)")
+    ax.set_xlabel("training minutes (the run's clock)")
     ax.set_ylabel("sacreBLEU (valid)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

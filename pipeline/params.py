@@ -115,7 +115,7 @@ class TrainParams(Section):
     seed: int = 1
     checkpoint_every_minutes: Annotated[float, Field(gt=0)] | None = 10.0  # §6.1: every 10 minutes
     checkpoint_every_updates: PositiveInt | None = None
-    # Weights-only snapshots at every N minutes of the stage clock (and at the end) for the BLEU-over-time
+    # Weights-only snapshots at every N minutes of the run's clock (and at the end) for the BLEU-over-time
     # curve of the `curve` stage; None: none (the curve then uses the kept checkpoints).
     snapshot_every_minutes: Annotated[float, Field(gt=0)] | None = None
     # Not in the paper: an exponential moving average of the weights with this decay, updated after every applied

@@ -225,11 +225,11 @@ def write_checkpoints(states: list[dict], out: Path) -> None:
             save_atomic(slim, tmp / checkpoint_name(s["update"]))
 
 
-def write_snapshots(result: ray.train.Result, stage_start: float, out: Path) -> list[dict]:
-    """Copy this stage clock's snapshots from Ray's storage into `out`, with index.json (empty when none)."""
+def write_snapshots(result: ray.train.Result, out: Path) -> list[dict]:
+    """Copy the run's snapshots from Ray's storage into `out`, with index.json (empty when none)."""
     import pyarrow.fs
 
-    fs, folder = result.filesystem, snapshot_folder(result.path, stage_start)
+    fs, folder = result.filesystem, snapshot_folder(result.path)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
     names = sorted(i.base_name for i in infos if i.base_name.startswith("snapshot_") and i.base_name.endswith(".pt"))
     index = []
@@ -273,7 +273,7 @@ def write_outputs(result: ray.train.Result, out: Path, snapshots: Path, stage_st
     if not states:
         raise RuntimeError(f"Ray Train run {result.path} kept no checkpoint")
     write_checkpoints(states, out)
-    taken = write_snapshots(result, stage_start, snapshots)
+    taken = write_snapshots(result, snapshots)
     write_csv_atomic(TRAIN_PLOT, history["train"], ("update", "loss", "nll", "ppl", "lr", "tokens_per_s", "grad_norm"))
     write_csv_atomic(VALID_PLOT, history["valid"], ("update", "valid_loss", "valid_nll", "valid_ppl"))
     metrics = final_metrics(summary, time.time() - stage_start, workers) | {"snapshots": len(taken)}

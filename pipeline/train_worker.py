@@ -31,7 +31,7 @@ from transformer.model import TransformerConfig
 from transformer.training import Hooks, Step, Trainer, TrainingConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
-SNAPSHOT_FOLDER = "snapshots"  # in the run's storage: snapshots/<stage clock id>/snapshot_<update>.pt
+SNAPSHOT_FOLDER = "snapshots"  # in the run's storage: snapshots/snapshot_<update>.pt
 TRAIN_METRICS = ("loss", "nll", "ppl", "lr", "tokens_per_s", "grad_norm", "skipped")
 VALID_METRICS = ("valid_loss", "valid_nll", "valid_ppl")
 
@@ -90,7 +90,7 @@ class RayHooks(Hooks):
 
     def on_snapshot(self, trainer: Trainer, snapshot: dict | None) -> None:
         if snapshot is not None:
-            write_snapshot(snapshot, trainer.cfg.start_time)
+            write_snapshot(snapshot)
 
 
 class Inspector:
@@ -120,15 +120,16 @@ class Inspector:
         self.pool.shutdown()
 
 
-def snapshot_folder(experiment_fs_path: str, start_time: float) -> str:
-    """One folder per stage clock, so the driver collects the snapshots whose minute marks its clock defines."""
-    return f"{experiment_fs_path}/{SNAPSHOT_FOLDER}/{int(start_time * 1000)}"
+def snapshot_folder(experiment_fs_path: str) -> str:
+    """One folder per Ray run: a resumed run's clock goes on from its checkpoint's (`elapsed_s`), so the snapshots
+    of every stage start that trained this run are marks on one clock, and the curve keeps all of them."""
+    return f"{experiment_fs_path}/{SNAPSHOT_FOLDER}"
 
 
-def write_snapshot(snapshot: dict, start_time: float) -> None:
+def write_snapshot(snapshot: dict) -> None:
     """Rank 0 writes through Ray's storage filesystem (local, NFS or s3://), then renames: never half a file."""
     storage = ray.train.get_context().get_storage()
-    fs, folder = storage.storage_filesystem, snapshot_folder(storage.experiment_fs_path, start_time)
+    fs, folder = storage.storage_filesystem, snapshot_folder(storage.experiment_fs_path)
     buf = io.BytesIO()
     torch.save(snapshot, buf)
     fs.create_dir(folder, recursive=True)
@@ -136,6 +137,24 @@ def write_snapshot(snapshot: dict, start_time: float) -> None:
     with fs.open_output_stream(final + ".tmp") as f:
         f.write(buf.getvalue())
     fs.move(final + ".tmp", final)
+
+
+def drop_snapshots_after(fs: pyarrow.fs.FileSystem, folder: str, update: int) -> list[str]:
+    """Delete the snapshots (and unfinished .tmp copies) taken after `update`, the update a run (re)starts from.
+
+    They come from the stretch a crash lost: the resumed run trains it again, on a clock rewound to its checkpoint's,
+    so kept they would give the curve a second point for the same minute marks. Returns the names deleted.
+    """
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    dropped = []
+    for info in infos:
+        name = info.base_name
+        if not name.startswith("snapshot_"):
+            continue
+        if name.endswith(".tmp") or int(name.removeprefix("snapshot_").split(".")[0]) > update:
+            fs.delete_file(info.path)
+            dropped.append(name)
+    return sorted(dropped)
 
 
 def claim_crash(update: int) -> bool:
@@ -226,6 +245,10 @@ def train_loop_per_worker(config: dict) -> dict:
                 f"{trainer.position.index}) at minute {trainer.clock() / 60:.1f} of the run's clock",
                 flush=True,
             )
+    if rank == 0:  # only rank 0 writes snapshots
+        storage = ctx.get_storage()
+        folder = snapshot_folder(storage.experiment_fs_path)
+        drop_snapshots_after(storage.storage_filesystem, folder, 0 if state is None else state["update"])
     hooks = RayHooks(
         rank, world_size, config["tracking_uri"], config["run_id"], config["crash_at_update"], config.get("inspect")
     )

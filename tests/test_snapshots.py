@@ -115,3 +115,53 @@ def test_the_train_stage_copies_rank_0s_snapshots_from_rays_storage(tmp_path):
     final = load(sorted((root / "models" / "checkpoints").glob("checkpoint_*.pt"))[-1])
     assert final["update"] == 30 and all(torch.equal(final["model"][k], v) for k, v in last["model"].items())
     assert json.loads((root / "metrics" / "train.json").read_text())["snapshots"] == len(index)
+
+
+class CheckpointCosts(Clock):
+    """A clock on which writing a checkpoint takes `cost` seconds (Ray's report, a slow store)."""
+
+    def __init__(self, per_update: float, cost: float, now: float = 0.0):
+        super().__init__(per_update)
+        self.cost, self.now, self.states = cost, now, []
+
+    def on_checkpoint(self, trainer, state, metrics):
+        self.states.append(state)
+        self.now += self.cost
+
+
+def test_a_run_resumed_from_a_checkpoint_never_labels_a_second_snapshot_with_a_mark_already_taken(monkeypatch):
+    # 30 s an update, a mark every minute, a checkpoint every 3 updates that takes 50 s to write. Update 3 runs
+    # from 60 s to 90 s, past mark 1: snapshot (3, minute 1), then the checkpoint, whose clock reads 90 s. Resumed
+    # from it, mark 2 is passed before update 5 (at 120 s), which ends at 150 s: (5, minute 2). With the checkpoint
+    # written first, update 3's snapshot was taken at 140 s and labelled minute 2, and the resumed run labelled
+    # update 5 minute 2 again: two points of the curve for one mark.
+    cfg = dict(max_updates=6, snapshot_every_minutes=1.0, validate_every_updates=100, checkpoint_every_updates=3)
+    first = CheckpointCosts(per_update=30.0, cost=50.0)
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(time=first.time))
+    Trainer(model_cfg(), train_cfg(**cfg, start_time=0.0), tiny_corpus()).fit(first)
+    assert [(s["update"], s["minutes"]) for s in first.snapshots][0] == (3, 1.0)
+    assert first.states[0]["update"] == 3 and first.states[0]["elapsed_s"] == 90.0
+
+    rerun = CheckpointCosts(per_update=30.0, cost=50.0, now=1000.0)
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(time=rerun.time))
+    trainer = Trainer(model_cfg(), train_cfg(**cfg, start_time=1000.0), tiny_corpus())
+    trainer.load_state_dict(first.states[0])
+    trainer.fit(rerun)
+    assert [(s["update"], s["minutes"]) for s in rerun.snapshots][0] == (5, 2.0)
+
+
+def test_a_restart_deletes_the_snapshots_of_the_stretch_it_trains_again(tmp_path):
+    """Snapshots after the update a run restarts from (and unfinished copies) go; those up to it stay."""
+    import pyarrow.fs
+
+    from pipeline.train_worker import drop_snapshots_after
+
+    names = ["snapshot_00000003.pt", "snapshot_00000007.pt", "snapshot_00000008.pt", "snapshot_00000009.pt.tmp"]
+    for name in [*names, "index.json"]:
+        (tmp_path / name).write_bytes(b"x")
+    fs = pyarrow.fs.LocalFileSystem()
+    dropped = drop_snapshots_after(fs, str(tmp_path), 7)
+    assert dropped == ["snapshot_00000008.pt", "snapshot_00000009.pt.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "snapshot_00000003.pt", "snapshot_00000007.pt"]
+    assert drop_snapshots_after(fs, str(tmp_path), 0) == ["snapshot_00000003.pt", "snapshot_00000007.pt"]
+    assert drop_snapshots_after(fs, str(tmp_path / "none"), 0) == []  # no snapshot taken yet

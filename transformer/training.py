@@ -90,7 +90,7 @@ class Hooks:
 
     def on_snapshot(self, trainer: Trainer, snapshot: dict | None) -> None:
         """`snapshot` (rank 0; None elsewhere): weights, config, update, tokens, `minutes` (the mark on the
-        stage clock it stands for) and `elapsed_minutes` (when it was actually taken)."""
+        run's clock it stands for) and `elapsed_minutes` (when it was actually taken)."""
 
 
 def world() -> tuple[int, int]:
@@ -106,7 +106,7 @@ def all_reduce(t: Tensor) -> Tensor:
 
 
 def marks_passed(elapsed_s: float, every_minutes: float | None) -> int:
-    """How many snapshot marks (every, 2 every, 3 every ... minutes on the stage clock) `elapsed_s` has reached."""
+    """How many snapshot marks (every, 2 every, 3 every ... minutes on the run's clock) `elapsed_s` has reached."""
     if every_minutes is None or elapsed_s < 0:
         return 0
     return int(elapsed_s // (every_minutes * 60.0))
@@ -348,10 +348,12 @@ class Trainer:
                 hooks.on_log(self, self.log_record())
             if step.applied and self.valid_batches and self.update % self.cfg.validate_every_updates == 0:
                 hooks.on_validate(self, self.validate())
-            if step.applied and ((every and self.update % every == 0) or step.flags[0]):
-                self.checkpoint(hooks)
+            # Snapshot first: the checkpoint's clock then covers the mark it took, so a run resumed from this
+            # update never takes that mark again (a checkpoint write can outlast a short snapshot interval).
             if step.applied and step.flags[2]:
                 self.snapshot(hooks)
+            if step.applied and ((every and self.update % every == 0) or step.flags[0]):
+                self.checkpoint(hooks)
             reason = "max_minutes" if step.flags[1] else self.done()
         if self.window.tokens:
             hooks.on_log(self, self.log_record())
