@@ -99,6 +99,26 @@ def test_order_is_a_pure_function_of_seed_and_epoch():
     assert flat(a, 1) != flat(BatchPlan(src, tgt, 1000, 300, seed=4), 1)
 
 
+def test_with_copies_epoch_e_covers_copy_e_minus_1_mod_k_once():
+    # Three encodings of the same 200 pairs back to back (BPE-dropout): each epoch takes one, in turn.
+    parts = [lengths(200, seed) for seed in (0, 1, 2)]
+    src, tgt = (np.concatenate([p[side] for p in parts]) for side in (0, 1))
+    plan = BatchPlan(src, tgt, 1000, 300, seed=3, copies=3)
+
+    def rows(epoch):
+        return sorted(np.concatenate([m for g in plan.epoch(epoch) for m in g]).tolist())
+
+    for epoch, copy in ((1, 0), (2, 1), (3, 2), (4, 0), (5, 1)):
+        assert rows(epoch) == list(range(200 * copy, 200 * (copy + 1))), epoch
+    sizes = np.maximum(src, tgt)
+    assert all(sum(len(m) * sizes[m].max() for m in g) <= 1000 for g in plan.epoch(2))
+    # One copy alone is batched as a plan of that copy alone would batch it, offset to its rows.
+    alone = BatchPlan(*parts[1], 1000, 300, seed=3)
+    assert [[(m + 200).tolist() for m in g] for g in alone.epoch(2)] == [[m.tolist() for m in g] for g in plan.epoch(2)]
+    with pytest.raises(ValueError, match="601 training pairs cannot hold 3 copies"):
+        BatchPlan(np.append(src, 5), np.append(tgt, 5), 1000, 300, copies=3)
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
 def test_shards_partition_each_global_batch_whatever_the_world_size(world_size):
     src, tgt = lengths()

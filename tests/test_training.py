@@ -131,20 +131,36 @@ def test_resuming_on_another_number_of_workers_warns_that_masks_differ():
         trainer.load_state_dict({**state, "world_size": 2})
 
 
-@pytest.mark.parametrize("extra", [{}, dict(attention_dropout=0.2, activation_dropout=0.2)], ids=["paper", "attn-act"])
-def test_resume_from_a_checkpoint_is_bit_exact(extra):
+def two_copies() -> PackedCorpus:
+    """Two versions of 64 pairs back to back, as BPE-dropout's sampled split holds two encodings of them; the
+    second has other targets, so an epoch trained on the wrong copy changes the weights."""
+    first, second = tiny_corpus(), tiny_corpus(64, 7)
+    return PackedCorpus.from_pairs([first[i] for i in range(64)] + [(first[i][0], second[i][1]) for i in range(64)])
+
+
+@pytest.mark.parametrize(
+    "extra, copies",
+    [({}, 1), (dict(attention_dropout=0.2, activation_dropout=0.2), 1), ({}, 2)],
+    ids=["paper", "attn-act", "bpe-dropout-copies"],
+)
+def test_resume_from_a_checkpoint_is_bit_exact(extra, copies):
     # Dropout on: exactness needs the reseeding by data position, not only the saved RNG state; the cool-down
     # needs the lr of the first resumed update, which the optimizer state carries. The opt-in attention-weight
-    # dropout draws its masks inside scaled_dot_product_attention, from the same reseeded generator.
-    cfg = train_cfg(max_updates=6, checkpoint_every_updates=3, cooldown=0.5)
-    straight = Trainer(model_cfg(0.3, **extra), cfg, tiny_corpus(), tiny_corpus(16, 1))
+    # dropout draws its masks inside scaled_dot_product_attention, from the same reseeded generator. With
+    # BPE-dropout's copies the resumed run must also pick the epoch's copy: the run crosses into epoch 2.
+    cfg = train_cfg(max_updates=6 if copies == 1 else 12, checkpoint_every_updates=3, cooldown=0.5, train_copies=copies)
+    data = tiny_corpus() if copies == 1 else two_copies()
+    straight = Trainer(model_cfg(0.3, **extra), cfg, data, tiny_corpus(16, 1))
     hooks = Record()
     straight.fit(hooks)
-    assert [c["update"] for c in hooks.checkpoints] == [3, 6]
-    resumed = Trainer(model_cfg(0.3, **extra), cfg, tiny_corpus(), tiny_corpus(16, 1))
+    assert [c["update"] for c in hooks.checkpoints][:2] == [3, 6]
+    if copies > 1:
+        assert straight.position.epoch >= 2 and hooks.checkpoints[0]["position"]["epoch"] == 1
+        assert min(int(m.min()) for g in straight.plan.epoch(2) for m in g) == 64  # epoch 2: the second copy
+    resumed = Trainer(model_cfg(0.3, **extra), cfg, data, tiny_corpus(16, 1))
     resumed.load_state_dict(hooks.checkpoints[0])
     summary = resumed.fit(Record())
-    assert summary["updates"] == 6
+    assert summary["updates"] == cfg.max_updates
     for k, v in straight.module.state_dict().items():
         assert torch.equal(resumed.module.state_dict()[k], v), k
     assert resumed.history["train"][-1]["loss"] == straight.history["train"][-1]["loss"]

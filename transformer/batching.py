@@ -132,14 +132,19 @@ class Position:
 
 
 class BatchPlan:
-    """The global batches of every epoch, a pure function of (lengths, budgets, seed, epoch)."""
+    """The global batches of every epoch, a pure function of (lengths, budgets, seed, epoch).
 
-    def __init__(self, src_lengths, tgt_lengths, update_tokens: int, max_tokens: int, seed: int = 1):
+    With `copies` = K > 1 the corpus holds K encodings of the same N pairs back to back (BPE-dropout: the
+    binarise stage's `train_sampled` split), and epoch e trains on copy (e - 1) mod K, rows [k N, (k + 1) N)."""
+
+    def __init__(self, src_lengths, tgt_lengths, update_tokens: int, max_tokens: int, seed: int = 1, copies=1):
         if max_tokens > update_tokens:
             raise ValueError(f"max_tokens {max_tokens} exceeds update_tokens {update_tokens}")
+        if copies < 1 or len(src_lengths) % copies:
+            raise ValueError(f"{len(src_lengths)} training pairs cannot hold {copies} copies of one corpus")
         self.sizes = np.maximum(np.asarray(src_lengths), np.asarray(tgt_lengths)).astype(np.int64)
         self.src_lengths, self.tgt_lengths = np.asarray(src_lengths), np.asarray(tgt_lengths)
-        self.update_tokens, self.seed = update_tokens, seed
+        self.update_tokens, self.seed, self.copies = update_tokens, seed, copies
         # M equal micro-budgets that add up to at most update_tokens: the global batch respects its budget.
         self.micro_per_update = math.ceil(update_tokens / max_tokens)
         self.micro_tokens = update_tokens // self.micro_per_update
@@ -152,7 +157,11 @@ class BatchPlan:
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         rng = np.random.default_rng([self.seed, epoch])
-        micro = cut_batches(length_order(self.src_lengths, self.tgt_lengths, rng), self.sizes, self.micro_tokens)
+        n = len(self.sizes) // self.copies
+        first = (epoch - 1) % self.copies * n  # this epoch's copy of the corpus
+        rows = slice(first, first + n)
+        order = first + length_order(self.src_lengths[rows], self.tgt_lengths[rows], rng)
+        micro = cut_batches(order, self.sizes, self.micro_tokens)
         M = self.micro_per_update
         groups = [micro[i : i + M] for i in range(0, len(micro), M)]
         batches = [groups[i] for i in rng.permutation(len(groups))]

@@ -54,6 +54,7 @@ class TrainingConfig:
     checkpoint_every_minutes: float | None = 10.0
     snapshot_every_minutes: float | None = None  # weights-only snapshots for the BLEU-over-time curve
     ema_decay: float | None = None  # an exponential moving average of the weights, kept in checkpoints (ema.py)
+    train_copies: int = 1  # encodings of the training pairs back to back in train_data (BPE-dropout; BatchPlan)
     max_bad_updates: int = 10
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere
     compile: bool = False
@@ -140,9 +141,8 @@ class Trainer:
         # Not in the paper, opt-in: float32 shadow weights averaged after each applied update (transformer/ema.py).
         self.ema = WeightAverage(self.module, cfg.ema_decay) if cfg.ema_decay is not None else None
         self.train_data, self.valid_data = train_data, valid_data
-        self.plan = BatchPlan(
-            train_data.src_lengths, train_data.tgt_lengths, cfg.update_tokens, cfg.max_tokens, cfg.seed
-        )
+        lengths = train_data.src_lengths, train_data.tgt_lengths
+        self.plan = BatchPlan(*lengths, cfg.update_tokens, cfg.max_tokens, cfg.seed, cfg.train_copies)
         self.valid_batches = (
             fixed_batches(valid_data.src_lengths, valid_data.tgt_lengths, cfg.max_tokens) if valid_data else []
         )
