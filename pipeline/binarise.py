@@ -9,6 +9,11 @@ with data/raw, which decode and score rely on. Chunks of lines are encoded by a 
 `binarise.workers` processes (0: every core); see bench/binarise.py for why processes and not
 sentencepiece's own threads. `metrics/binarise.json` has per split the pairs, tokens, unknowns and what was
 dropped by reason.
+
+BPE-dropout (`binarise.bpe_dropout` > 0, opt-in): the kept training pairs are encoded `binarise.sampled_copies`
+times more with sentencepiece's sampling, into the `train_sampled` split, copy after copy; training then takes
+one copy per epoch in turn. Each chunk of each copy is seeded from (sampling_seed, copy, chunk, side), so the
+copies do not depend on the number of worker processes and `dvc repro` reproduces them byte for byte.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.params import BinariseParams, load_params
 from pipeline.tracking import log_stage_metrics, stage_run
-from transformer.corpus import SPECIAL_IDS, UNK_ID, SideWriter, token_dtype, write_meta
+from transformer.corpus import SAMPLED_SPLIT, SPECIAL_IDS, UNK_ID, SideWriter, token_dtype, write_meta
 
 SPLITS = ("train", "valid", "test")
 CHUNK = 20_000  # lines per task: large enough to amortise pickling, small enough to bound memory
@@ -71,6 +76,7 @@ class Chunk:
     tgt_lengths: np.ndarray
     lines: int
     dropped: dict[str, int]
+    kept: np.ndarray  # which of the chunk's lines these pairs are
 
 
 _processor: spm.SentencePieceProcessor | None = None
@@ -81,8 +87,9 @@ def init_worker(model: str) -> None:
     _processor = spm.SentencePieceProcessor(model_file=model)
 
 
-def encode(sentences: list[str], dtype: np.dtype) -> tuple[list[np.ndarray], np.ndarray]:
-    ids = _processor.encode(sentences, out_type="numpy", add_eos=True, num_threads=1)
+def encode(sentences: list[str], dtype: np.dtype, **sampling) -> tuple[list[np.ndarray], np.ndarray]:
+    # One thread: with sampling, sentencepiece's threads would draw in an order that varies from run to run.
+    ids = _processor.encode(sentences, out_type="numpy", add_eos=True, num_threads=1, **sampling)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     return ids, lengths
 
@@ -106,6 +113,26 @@ def encode_chunk(task: tuple[list[str], list[str], Filter | None, str]) -> Chunk
         tgt_lengths=tgt_lengths[kept],
         lines=len(sources),
         dropped=dropped,
+        kept=kept,
+    )
+
+
+def encode_sampled_chunk(task: tuple[list[str], list[str], float, tuple[int, int], str]) -> Chunk:
+    """Encode one chunk of kept pairs with BPE-dropout; each side's draws start from its own seed."""
+    sources, targets, alpha, seeds, dtype = task
+    sides = []
+    for sentences, seed in zip((sources, targets), seeds, strict=True):
+        spm.set_random_generator_seed(seed)
+        sides.append(encode(sentences, dtype, enable_sampling=True, alpha=alpha, nbest_size=-1))
+    (src_ids, src_lengths), (tgt_ids, tgt_lengths) = sides
+    return Chunk(
+        src=flatten(src_ids, dtype),
+        src_lengths=src_lengths,
+        tgt=flatten(tgt_ids, dtype),
+        tgt_lengths=tgt_lengths,
+        lines=len(sources),
+        dropped=dict.fromkeys(DROP_REASONS, 0),
+        kept=np.arange(len(sources)),
     )
 
 
@@ -144,12 +171,35 @@ def split_paths(raw: Path, split: str, src: str, tgt: str) -> tuple[Path, Path, 
     return *paths, counts[0]
 
 
-def binarise_split(pool, raw: Path, out: Path, split: str, langs: tuple, keep_filter, dtype) -> dict:
-    """Encode one split into `<out>/<split>.<lang>.{bin,idx.npy}`; return its statistics."""
-    src, tgt = langs
-    src_path, tgt_path, lines = split_paths(raw, split, src, tgt)
-    writers = SideWriter(out, split, src, dtype), SideWriter(out, split, tgt, dtype)
+def binarise_split(pool, raw: Path, out: Path, split: str, langs: tuple, keep_filter, dtype, kept=None) -> dict:
+    """Encode one split into `<out>/<split>.<lang>.{bin,idx.npy}`; return its statistics. `kept`, a list, gets
+    the indices of each chunk's kept pairs (what BPE-dropout's copies encode again)."""
+    src_path, tgt_path, lines = split_paths(raw, split, *langs)
     tasks = ((s, t, keep_filter, dtype.str) for s, t in read_chunks(src_path, tgt_path))
+    return write_split(pool(encode_chunk, tasks), out, split, langs, dtype, lines, src_path, kept)
+
+
+def binarise_sampled(pool, raw: Path, out: Path, langs: tuple, kept: list, params: BinariseParams, dtype) -> dict:
+    """BPE-dropout: `sampled_copies` sampled encodings of the kept training pairs, copy after copy, as one split."""
+    src_path, tgt_path, _ = split_paths(raw, "train", *langs)
+    copies = params.sampled_copies
+
+    def tasks():
+        for copy in range(copies):
+            for n, ((sources, targets), keep) in enumerate(zip(read_chunks(src_path, tgt_path), kept, strict=True)):
+                seeds = np.random.SeedSequence([params.sampling_seed, copy, n]).generate_state(2)  # a side each
+                pairs = [sources[i] for i in keep], [targets[i] for i in keep]
+                yield *pairs, params.bpe_dropout, (int(seeds[0]), int(seeds[1])), dtype.str
+
+    total = copies * sum(len(k) for k in kept)
+    stats = write_split(pool(encode_sampled_chunk, tasks()), out, SAMPLED_SPLIT, langs, dtype, total, src_path)
+    return stats | {"copies": copies, "bpe_dropout": params.bpe_dropout}
+
+
+def write_split(chunks, out: Path, split: str, langs: tuple, dtype, lines: int, src_path: Path, kept=None) -> dict:
+    """Write encoded chunks, in order, as `<out>/<split>.<lang>.{bin,idx.npy}`; return the split's statistics."""
+    src, tgt = langs
+    writers = SideWriter(out, split, src, dtype), SideWriter(out, split, tgt, dtype)
     dropped = dict.fromkeys(DROP_REASONS, 0)
     unk = [0, 0]
     bar = tqdm(total=lines, desc=f"binarise {split}", unit=" pairs", mininterval=2.0)
@@ -158,13 +208,15 @@ def binarise_split(pool, raw: Path, out: Path, split: str, langs: tuple, keep_fi
     with bar, contextlib.ExitStack() as on_error:
         for w in writers:
             on_error.callback(w.abort)
-        for chunk in pool(encode_chunk, tasks):
+        for chunk in chunks:
             sides = [(chunk.src, chunk.src_lengths), (chunk.tgt, chunk.tgt_lengths)]
             for side, (tokens, lengths) in enumerate(sides):
                 writers[side].append(tokens, lengths)
                 unk[side] += int(np.count_nonzero(tokens == UNK_ID))
             for reason, n in chunk.dropped.items():
                 dropped[reason] += n
+            if kept is not None:
+                kept.append(chunk.kept)
             bar.update(chunk.lines)
         src_lengths, tgt_lengths = (w.close() for w in writers)
     pairs = len(src_lengths)
@@ -205,16 +257,22 @@ def binarise(raw, bpe, out, src: str, tgt: str, params: BinariseParams) -> dict:
     stats = {}
     with disk_full_said(out), atomic_path(out) as tmp, worker_pool(str(model), workers) as pool:
         tmp.mkdir()
+        kept: list[np.ndarray] = []
         for split in SPLITS:
-            split_filter = keep_filter if split == "train" else None
-            stats[split] = binarise_split(pool, raw, tmp, split, (src, tgt), split_filter, dtype)
+            split_filter, split_kept = (keep_filter, kept) if split == "train" else (None, None)
+            stats[split] = binarise_split(pool, raw, tmp, split, (src, tgt), split_filter, dtype, split_kept)
+        sampled = {}
+        if params.bpe_dropout > 0:
+            stats[SAMPLED_SPLIT] = binarise_sampled(pool, raw, tmp, (src, tgt), kept, params, dtype)
+            sampled = {"train_copies": params.sampled_copies, "bpe_dropout": params.bpe_dropout}
         write_meta(tmp, {
             "vocab_size": sp.get_piece_size(),
             "dtype": dtype.name,
             "langs": {"source": src, "target": tgt},
             "special_ids": SPECIAL_IDS,
             "spm_model_sha256": sha256(model),
-            "splits": {split: stats[split]["pairs"] for split in SPLITS},
+            "splits": {split: s["pairs"] for split, s in stats.items()},
+            **sampled,
         })  # fmt: skip
     return stats
 

@@ -73,6 +73,12 @@ class BinariseParams(Section):
     max_len: PositiveInt = 250  # BPE tokens, per side, eos excluded
     max_len_ratio: Annotated[float, Field(ge=1.0)] = 1.5
     workers: NonNegInt = 0  # 0: every core
+    # Not in the paper, opt-in: BPE-dropout (Provilkov et al. 2020), sentencepiece's sampled segmentation of the
+    # training pairs: > 0 writes `sampled_copies` encodings of them, each merge dropped with this probability, and
+    # epoch e trains on copy (e - 1) mod sampled_copies. Valid and test stay deterministic.
+    bpe_dropout: Probability = 0.0
+    sampled_copies: PositiveInt = 16
+    sampling_seed: NonNegInt = 1
 
 
 class ModelParams(Section):

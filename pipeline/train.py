@@ -62,11 +62,13 @@ BUDGET = {"max_updates", "max_minutes"}
 def load_data(folder: Path) -> tuple[dict, PackedCorpus, PackedCorpus | None]:
     """meta.json and the train/valid splits, in the direction the corpus was binarised for. The token arrays stay
     memory-mapped here; `ray.put` copies them once into the object store (at WMT14 size ~0.6 GB, about a second)."""
-    from transformer.corpus import ParallelCorpus, read_meta
+    from transformer.corpus import SAMPLED_SPLIT, ParallelCorpus, read_meta
 
     meta = read_meta(folder)
     src, tgt = meta["langs"]["source"], meta["langs"]["target"]
-    train = PackedCorpus.from_corpus(ParallelCorpus.load(folder, "train", src, tgt))
+    # With BPE-dropout (binarise.bpe_dropout) the model trains on the sampled copies, one per epoch in turn.
+    split = SAMPLED_SPLIT if SAMPLED_SPLIT in meta["splits"] else "train"
+    train = PackedCorpus.from_corpus(ParallelCorpus.load(folder, split, src, tgt))
     valid = ParallelCorpus.load(folder, "valid", src, tgt)
     return meta, train, (PackedCorpus.from_corpus(valid) if len(valid) else None)
 
@@ -119,11 +121,13 @@ def scaling(train: TrainParams) -> ray.train.ScalingConfig:
     )
 
 
-def training_config(train: TrainParams, stage_start: float) -> dict:
-    fields = set(TrainingConfig.__dataclass_fields__) - {"start_time", "deadline"}
+def training_config(train: TrainParams, stage_start: float, meta: dict) -> dict:
+    """TrainingConfig's values: the `train` section, the wall clock, and the copies the corpus holds (meta.json)."""
+    fields = set(TrainingConfig.__dataclass_fields__) - {"start_time", "deadline", "train_copies"}
     values = {k: v for k, v in train.model_dump().items() if k in fields}
     deadline = stage_start + train.max_minutes * 60 if train.max_minutes is not None else None
-    return {**values, "start_time": stage_start, "deadline": deadline}
+    copies = meta.get("train_copies", 1)
+    return {**values, "start_time": stage_start, "deadline": deadline, "train_copies": copies}
 
 
 def system_tags(scaling_config: ray.train.ScalingConfig, run_name: str) -> dict[str, str]:
@@ -175,7 +179,7 @@ def fit(
     mlflow.log_params({"model.vocab_size": model_cfg.vocab_size, "model.parameters": _count(model_cfg)})
     config = {
         "model": model_cfg.to_dict(),
-        "training": training_config(train, stage_start),
+        "training": training_config(train, stage_start, meta),
         "train_ref": ray.put(train_data.to_arrays()),
         "valid_ref": ray.put(valid_data.to_arrays()) if valid_data is not None else None,
         "tracking_uri": tracking_uri(params),

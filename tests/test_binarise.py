@@ -106,10 +106,13 @@ def test_only_training_pairs_are_filtered(stages, tmp_path):
     assert valid.src_lengths[-2] > 60  # kept: decode and score need every line
 
 
-def test_workers_do_not_change_the_result(stages, tmp_path, monkeypatch):
+@pytest.mark.parametrize("bpe_dropout", [0.0, 0.1], ids=["deterministic", "bpe-dropout"])
+def test_workers_do_not_change_the_result(stages, tmp_path, monkeypatch, bpe_dropout):
+    # With BPE-dropout the sampled copies too: each chunk's draws are seeded, whichever process encodes it.
     monkeypatch.setattr(bz, "CHUNK", 700)  # several chunks, so order across workers matters
-    binarise(stages, tmp_path / "one", workers=1)
-    binarise(stages, tmp_path / "two", workers=2)
+    binarise(stages, tmp_path / "one", workers=1, bpe_dropout=bpe_dropout, sampled_copies=2)
+    binarise(stages, tmp_path / "two", workers=2, bpe_dropout=bpe_dropout, sampled_copies=2)
+    assert sorted(f.name for f in (tmp_path / "one").iterdir()) == sorted(f.name for f in (tmp_path / "two").iterdir())
     for f in (tmp_path / "one").iterdir():
         assert f.read_bytes() == (tmp_path / "two" / f.name).read_bytes(), f.name
 
@@ -225,3 +228,48 @@ def test_a_10000_token_training_line_is_dropped_and_counted(stages, tmp_path):
             f.write(" ".join([word] * 10_000) + "\n")
     stats = bz.binarise(edited, bpe, tmp_path / "bin", "en", "de", BinariseParams(max_len_ratio=3.0))  # max_len 250
     assert stats["train"]["pairs"] == 4000 and stats["train"]["dropped"] == {"empty": 0, "too_long": 1, "ratio": 0}
+
+
+def test_bpe_dropout_copies_are_the_kept_training_pairs_segmented_anew(stages, tmp_path):
+    raw, bpe = stages
+    edited = tmp_path / "raw"
+    shutil.copytree(raw, edited)
+    for lang, word in (("en", "dog"), ("de", "Hund")):  # a pair the filter drops: the copies must skip it too
+        with open(edited / f"train.{lang}", "a", encoding="utf-8") as f:
+            f.write(" ".join([word] * 300) + "\n")
+    params = BinariseParams(max_len_ratio=3.0, bpe_dropout=0.1, sampled_copies=3, workers=2)
+    stats = bz.binarise(edited, bpe, tmp_path / "bin", "en", "de", params)
+    train = ParallelCorpus.load(tmp_path / "bin", "train", "en", "de")
+    sampled = ParallelCorpus.load(tmp_path / "bin", "train_sampled", "en", "de")
+    n = len(train)
+    assert n == 4000 and len(sampled) == 3 * n == stats["train_sampled"]["pairs"]
+    meta = read_meta(tmp_path / "bin")
+    assert meta["train_copies"] == 3 and meta["splits"]["train_sampled"] == 3 * n
+    assert stats["train_sampled"]["copies"] == 3 and stats["train_sampled"]["tokens"]["de"] == sampled.tgt_lengths.sum()
+    sp = spm.SentencePieceProcessor(model_file=str(bpe / "spm.model"))
+    copies = []
+    for k in range(3):
+        rows = [sampled[k * n + i] for i in range(n)]
+        for i in range(0, n, 7):  # every copy decodes to the deterministic pair's text, in the same order
+            for side in (0, 1):
+                assert rows[i][side][-1] == EOS_ID and EOS_ID not in rows[i][side][:-1]
+                assert sp.decode(rows[i][side][:-1].tolist()) == sp.decode(train[i][side][:-1].tolist())
+        changed = np.mean([not np.array_equal(rows[i][0], train[i][0]) for i in range(n)])
+        assert changed > 0.3, f"copy {k}: only {changed:.0%} of the source sentences segmented anew"
+        copies.append(np.concatenate([r[0] for r in rows]))
+    assert not np.array_equal(copies[0], copies[1]) and not np.array_equal(copies[1], copies[2])
+    # Dropped merges leave more, shorter pieces: every copy is longer than the deterministic encoding.
+    assert sampled.src_lengths.sum() > 3 * train.src_lengths.sum()
+
+
+def test_training_reads_the_sampled_copies_and_cycles_through_them(stages, tmp_path):
+    from pipeline.params import TrainParams
+    from pipeline.train import load_data, training_config
+
+    binarise(stages, tmp_path / "bin", bpe_dropout=0.1, sampled_copies=2)
+    meta, train, _ = load_data(tmp_path / "bin")
+    assert len(train) == 2 * 4000
+    assert training_config(TrainParams(), 0.0, meta)["train_copies"] == 2
+    binarise(stages, tmp_path / "plain")
+    meta, train, _ = load_data(tmp_path / "plain")
+    assert len(train) == 4000 and training_config(TrainParams(), 0.0, meta)["train_copies"] == 1

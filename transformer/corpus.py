@@ -5,9 +5,10 @@ One folder (`data/bin`) holds, for every split and language,
     <split>.<lang>.bin      all token ids back to back (dtype in meta.json), every sentence ending in eos
     <split>.<lang>.idx.npy  int64 offsets, length pairs + 1: sentence i is bin[offsets[i]:offsets[i + 1]]
 
-and `meta.json` (vocab_size, dtype, langs, special ids, the sentencepiece model's sha256). Like fairseq's
-`MMapIndexedDataset`, a 4.5M-pair WMT14 train split costs only its offsets in RAM; the tokens stay in the
-page cache and are shared by every worker process on the machine.
+and `meta.json` (vocab_size, dtype, langs, special ids, the sentencepiece model's sha256). With BPE-dropout
+(opt-in) a `train_sampled` split holds `train_copies` sampled encodings of the training pairs back to back.
+Like fairseq's `MMapIndexedDataset`, a 4.5M-pair WMT14 train split costs only its offsets in RAM; the tokens
+stay in the page cache and are shared by every worker process on the machine.
 
 Imports numpy and the standard library only.
 """
@@ -24,6 +25,7 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_IDS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
+SAMPLED_SPLIT = "train_sampled"  # BPE-dropout's copies of the train split (pipeline/binarise.py)
 
 
 class CorpusError(ValueError):
