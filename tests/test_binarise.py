@@ -258,11 +258,11 @@ def test_bpe_dropout_copies_are_the_kept_training_pairs_segmented_anew(stages, t
         assert changed > 0.3, f"copy {k}: only {changed:.0%} of the source sentences segmented anew"
         copies.append(np.concatenate([r[0] for r in rows]))
     assert not np.array_equal(copies[0], copies[1]) and not np.array_equal(copies[1], copies[2])
-    # Dropped merges leave more, shorter pieces: every copy is longer than the deterministic encoding.
+    # Dropped merges leave more, shorter pieces: the copies hold more pieces than 3 deterministic encodings.
     assert sampled.src_lengths.sum() > 3 * train.src_lengths.sum()
 
 
-def test_training_reads_the_sampled_copies_and_cycles_through_them(stages, tmp_path):
+def test_training_reads_the_sampled_copies_and_tells_the_trainer_how_many(stages, tmp_path):
     from pipeline.params import TrainParams
     from pipeline.train import load_data, training_config
 
