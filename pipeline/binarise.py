@@ -76,7 +76,7 @@ class Chunk:
     tgt_lengths: np.ndarray
     lines: int
     dropped: dict[str, int]
-    kept: np.ndarray  # which of the chunk's lines these pairs are
+    kept: np.ndarray | None = None  # which of the chunk's lines these pairs are (filtered chunks only)
 
 
 _processor: spm.SentencePieceProcessor | None = None
@@ -132,7 +132,6 @@ def encode_sampled_chunk(task: tuple[list[str], list[str], float, tuple[int, int
         tgt_lengths=tgt_lengths,
         lines=len(sources),
         dropped=dict.fromkeys(DROP_REASONS, 0),
-        kept=np.arange(len(sources)),
     )
 
 
