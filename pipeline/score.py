@@ -9,6 +9,11 @@ comparison with published numbers only, and labelled so wherever they appear:
   tokenizer.perl), hyphens inside compounds split into ` ##AT##-##AT## ` in hypothesis and reference,
   then BLEU on those tokens. It is higher than sacreBLEU and not comparable with it.
 - `bleu_tok_lc`: tokenised (13a), lower-cased BLEU, the convention of published Multi30k results.
+
+`bleu_ci95` is how finely the test set resolves this one system: the half-width of sacreBLEU's 95% bootstrap
+interval (`sacrebleu --confidence`, `score.bootstrap` resamples of the sentences, sacreBLEU's fixed seed), around
+`bleu_bootstrap_mean`. Two systems are compared more finely by a paired test on the same sentences:
+`sacrebleu REF -i HYP_A HYP_B --paired-bs` (README, section 4).
 """
 
 from __future__ import annotations
@@ -49,8 +54,22 @@ def read_pair(hyp_path: Path, ref_path: Path) -> tuple[list[str], list[str]]:
     return hyps, refs
 
 
-def score(hyps: Sequence[str], refs: Sequence[str], tokenize: str = "13a") -> dict:
-    """All the scores, each BLEU with the sacreBLEU signature that says how it was computed."""
+def bleu_confidence(hyps: Sequence[str], refs: Sequence[str], tokenize: str, resamples: int) -> dict:
+    """sacreBLEU's bootstrap estimate for one system, the numbers of `sacrebleu --confidence`."""
+    bleu = BLEU(tokenize=tokenize)
+    resampled = bleu.corpus_score(hyps, [refs], n_bootstrap=resamples)
+    # sacreBLEU keeps the estimate on the Score (what its command line prints as "μ = mean ± ci") without a
+    # public accessor; tests/test_score.py checks these against the command line's output.
+    return {
+        "bleu_bootstrap_mean": round(resampled._mean, 2),
+        "bleu_ci95": round(resampled._ci, 2),
+        "bleu_ci95_signature": str(bleu.get_signature()),
+    }
+
+
+def score(hyps: Sequence[str], refs: Sequence[str], tokenize: str = "13a", bootstrap: int = 0) -> dict:
+    """All the scores, each BLEU with the sacreBLEU signature that says how it was computed; with `bootstrap`
+    resamples (> 1), also BLEU's 95% confidence interval."""
     bleu, chrf = BLEU(tokenize=tokenize), CHRF()
     result = {
         "sentences": len(hyps),
@@ -59,6 +78,8 @@ def score(hyps: Sequence[str], refs: Sequence[str], tokenize: str = "13a") -> di
         "chrf": round(chrf.corpus_score(hyps, [refs]).score, 2),
         "chrf_signature": str(chrf.get_signature()),
     }
+    if bootstrap > 1:
+        result.update(bleu_confidence(hyps, refs, tokenize, bootstrap))
     tok = Tokenizer13a()
     split_hyps = [compound_split(tok(h)) for h in hyps]
     split_refs = [compound_split(tok(r)) for r in refs]
@@ -85,12 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     ref_path = args.raw / f"{params.decode.split}.{params.data.target_lang}"
     hyps, refs = read_pair(args.hyp, ref_path)
     with stage_run("score", params, ("data", "decode", "score")):
-        result = {"split": params.decode.split, **score(hyps, refs, params.score.tokenize)}
+        result = {"split": params.decode.split, **score(hyps, refs, params.score.tokenize, params.score.bootstrap)}
         write_text_atomic(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         log_stage_metrics(result)
         mlflow.log_artifact(str(args.out), artifact_path="metrics")
         log_pipeline_result(result, args.out)
-    print(f"BLEU {result['bleu']} ({result['bleu_signature']})  chrF {result['chrf']}")
+    ci = f" ± {result['bleu_ci95']} (95%, bootstrap)" if "bleu_ci95" in result else ""
+    print(f"BLEU {result['bleu']}{ci} ({result['bleu_signature']})  chrF {result['chrf']}")
 
 
 if __name__ == "__main__":

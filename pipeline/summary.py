@@ -43,11 +43,22 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port {UI_PORT} --workers 1"
 
 
+def confidence_lines(scores: dict) -> list[str]:
+    if "bleu_ci95" not in scores:
+        return []
+    ci, mean = scores["bleu_ci95"], scores["bleu_bootstrap_mean"]
+    return [
+        f"      BLEU ± {ci:.2f} at 95% over resampled sentences (mean {mean:.2f}); two runs, paired:",
+        "      sacrebleu REF -i HYP_A HYP_B --paired-bs",
+    ]
+
+
 def summary(scores: dict, uri: str, experiment: str) -> str:
     lines = [
         f"BLEU  {scores['bleu']:.2f}   sacreBLEU {scores['bleu_signature']}",
         f"chrF  {scores['chrf']:.2f}   {scores['chrf_signature']}",
         f"      ({scores['sentences']} sentences of the {scores['split']} split)",
+        *confidence_lines(scores),
         "For comparison with published numbers only (not sacreBLEU; see metrics/score.json):",
         f"  {scores['bleu_compound_split']:.2f}  tokenised BLEU with compound splitting (the paper's 27.3 base / 28.4 big)",  # noqa: E501
         f"  {scores['bleu_tok_lc']:.2f}  tokenised lower-cased BLEU (the Multi30k convention)",

@@ -324,7 +324,7 @@ def log_pipeline_result(result: Mapping, score_file: Path) -> None:
         raise RuntimeError("log_pipeline_result must be called inside stage_run")
     client = MlflowClient()
     now = int(time.time() * 1000)
-    keys = ("bleu", "chrf", "bleu_compound_split", "bleu_tok_lc")
+    keys = ("bleu", "bleu_ci95", "chrf", "bleu_compound_split", "bleu_tok_lc")
     client.log_batch(parent, metrics=[Metric(k, float(result[k]), now, 0) for k in keys if k in result])
     for key in ("bleu_signature", "chrf_signature"):
         if key in result:
