@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         log_stage_metrics(result)
         mlflow.log_artifact(str(args.out), artifact_path="metrics")
         log_pipeline_result(result, args.out)
-    ci = f" ± {result['bleu_ci95']} (95%, bootstrap)" if "bleu_ci95" in result else ""
+    ci = f" ± {result['bleu_ci95']:.2f} (95%, bootstrap)" if "bleu_ci95" in result else ""
     print(f"BLEU {result['bleu']}{ci} ({result['bleu_signature']})  chrF {result['chrf']}")
 
 
