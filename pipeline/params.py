@@ -204,7 +204,7 @@ class ScoreParams(Section):
     """`score`: sacreBLEU (with signature) and chrF; also the paper's tokenised, compound-split BLEU.
 
     `bootstrap`: resamples of the test sentences for sacreBLEU's 95% confidence interval of BLEU (`sacrebleu
-    --confidence`; 1,000 take ~0.5 s on 1,000 sentences); 0 computes none."""
+    --confidence`; 1,000 take ~0.5 s on 1,000 sentences); 0 or 1 computes none."""
 
     tokenize: str = "13a"
     bootstrap: NonNegInt = 1000
