@@ -22,7 +22,7 @@ $(STAMP): requirements.lock pyproject.toml
 # The whole DAG on the embedded corpus, offline (the `smoke` preset).
 demo: $(STAMP)
 	$(BIN)/dvc exp run -S preset=smoke
-	$(BIN)/python -m pipeline.summary
+	$(BIN)/python -m pipeline.commands.summary
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

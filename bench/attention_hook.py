@@ -1,7 +1,7 @@
 """What the attention hook costs: a training step with the hook idle against the same step without the hook,
-and what one look inside the model (`pipeline.inspection`) costs at a validation.
+and what one look inside the model (`pipeline.common.inspection`) costs at a validation.
 
-    PYTHONPATH=. python bench/attention_hook.py [--preset multi30k] [--lengths 16 32] [--repeat 9]
+    python -m bench.attention_hook [--preset multi30k] [--lengths 16 32] [--repeat 9]
 
 Training step: forward, projected label-smoothed loss, backward, fused Adam (`bench.train_step.our_step`, what
 training runs), float32, dropout on, the same batch. "without hook" replaces every attention module's `attend`
@@ -19,21 +19,16 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 import types
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import set_threads, step_seconds, translation_batch  # noqa: E402
-from bench.train_step import VOCAB, our_step  # noqa: E402
-from transformer import PAD_ID, Transformer, make_config  # noqa: E402
-from transformer.model import MultiHeadAttention  # noqa: E402
-from transformer.schedule import make_optimizer  # noqa: E402
+from bench.common import set_threads, step_seconds, translation_batch
+from bench.train_step import VOCAB, our_step
+from transformer.model import PAD_ID, MultiHeadAttention, Transformer, make_config
+from transformer.schedule import make_optimizer
 
 
 def attend_without_hook(self, q, k, v, mask, causal):
@@ -74,9 +69,9 @@ def step_row(preset: str, length: int, args) -> dict:
 
 def inspection_seconds(preset: str, repeat: int) -> tuple[float, float]:
     """Median seconds of (inspect_model, rendering every layer's grid) for 3 sentences of ~13 tokens."""
-    import sentencepiece  # noqa: F401  (the pipeline's dependency; imported by pipeline.inspection)
+    import sentencepiece  # noqa: F401  (the pipeline's dependency; imported by pipeline.common.inspection)
 
-    from pipeline.inspection import Inspection, Sample, attention_figure, figure_pixels
+    from pipeline.common.inspection import Inspection, Sample, attention_figure, figure_pixels
     from transformer.attention_maps import teacher_forced_maps
     from transformer.search import greedy_search
 

@@ -1,12 +1,12 @@
 """Beam search speed on CPU: our `beam_search` against Hugging Face `MarianMTModel.generate`, same weights, same
 work, in the same run.
 
-    PYTHONPATH=$PWD python bench/beam.py [--sentences 500] [--model models/average.pt --spm data/bpe/spm.model]
+    python -m bench.beam [--sentences 500] [--model models/average.pt --spm data/bpe/spm.model]
 
 Without --model, a `multi30k`-preset model is trained briefly on Multi30k train (a joint 8k BPE model first), so
 that translations are real sentences of varied length, not a random model's loops; both are cached in
 --cache (outside the repository) so that re-runs start decoding at once. The weights go to Marian through
-`pipeline.export_marian.to_marian`, whose test shows it computes our function.
+`pipeline.commands.export_marian.to_marian`, whose test shows it computes our function.
 
 Equal work: beam 4, length normalisation log P / |Y|^α ("hf" in our search, `length_penalty=α` in generate;
 |Y| counts the eos), a sentence done once 4 hypotheses have finished (`stop="k_finished"`,
@@ -24,17 +24,18 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from pipeline.commands.export_marian import to_marian
+from pipeline.common.params import BpeParams, DataParams
 from pipeline.download import download
-from pipeline.export_marian import to_marian
 from pipeline.learn_bpe import learn_bpe
-from pipeline.params import BpeParams, DataParams
+from transformer.beam_search import beam_search
 from transformer.checkpoint import load_model, save_model
 from transformer.loss import label_smoothed_nll_loss
 from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer, make_config
 from transformer.schedule import make_optimizer, peak_rate
-from transformer.search import beam_search
 
 REPO = Path(__file__).resolve().parents[1]
+
 SRC, TGT = "en", "de"
 
 

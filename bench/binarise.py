@@ -1,6 +1,6 @@
 """Binarise throughput (sentence pairs/s) on 2 cores: our stage against two peers, in the same run.
 
-    PYTHONPATH=$PWD python bench/binarise.py [--multi30k ../shared/data/multi30k] [--repeat 7]
+    python -m bench.binarise [--multi30k ../shared/data/multi30k] [--repeat 7]
 
 The corpus is Multi30k train repeated `--repeat` times (7: 203,000 pairs) plus its validation and test
 splits, encoded with a 10k joint BPE model learned on it. Peers:
@@ -20,9 +20,9 @@ import numpy as np
 import sentencepiece as spm
 
 from pipeline import binarise as bz
+from pipeline.common.params import BinariseParams, BpeParams, DataParams
 from pipeline.download import download
 from pipeline.learn_bpe import learn_bpe
-from pipeline.params import BinariseParams, BpeParams, DataParams
 from transformer.corpus import EOS_ID, SideWriter
 
 SRC, TGT = "en", "de"

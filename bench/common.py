@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from transformer import BOS_ID, EOS_ID, PAD_ID, TransformerConfig
+from transformer.model import BOS_ID, EOS_ID, PAD_ID, TransformerConfig
 
 
 def set_threads(n: int) -> None:

@@ -1,6 +1,6 @@
 """Training throughput and model-FLOPs utilisation (MFU) on one CUDA GPU, bf16 autocast, base and big (§6.1).
 
-    PYTHONPATH=. python bench/gpu_mfu.py [--presets base big] [--tokens 16384] [--length 64] [--compile]
+    python -m bench.gpu_mfu [--presets base big] [--tokens 16384] [--length 64] [--compile]
 
 MFU = model FLOPs of the measured steps / (wall time · measured bf16 matmul peak). The peak is measured here
 (a large bf16 matmul), not taken from a datasheet, so the ratio says how close the model gets to what this GPU
@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import batch_flops, matmul_peak_flops, translation_batch  # noqa: E402
-from transformer import PAD_ID, Transformer, make_config  # noqa: E402
-from transformer.loss import label_smoothed_nll_loss, projected_label_smoothed_nll_loss  # noqa: E402
-from transformer.schedule import make_optimizer  # noqa: E402
+from bench.common import batch_flops, matmul_peak_flops, translation_batch
+from transformer.loss import label_smoothed_nll_loss, projected_label_smoothed_nll_loss
+from transformer.model import PAD_ID, Transformer, make_config
+from transformer.schedule import make_optimizer
 
 
 def bench_preset(preset: str, args, peak: float) -> dict:

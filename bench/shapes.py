@@ -1,9 +1,9 @@
 """Training-step time of candidate model shapes RELATIVE to a reference shape, on real batches (issue #19).
 
-    PYTHONPATH=. python bench/shapes.py --data 8000=/path/to/data/bin [--data 10000=/path/to/bin10k] \
+    python -m bench.shapes --data 8000=/path/to/data/bin [--data 10000=/path/to/bin10k] \
         ref=multi30k  tiny=tiny-wu,vocab=10000  w256f512=multi30k,d_ff=512 ...
 
-Each contender is `NAME=ARCH[,key=value...]`: a preset of `transformer.PRESETS` with `TransformerConfig`
+Each contender is `NAME=ARCH[,key=value...]`: a preset of `transformer.model.PRESETS` with `TransformerConfig`
 overrides, plus `vocab=` (which binarised corpus, a `--data` entry) and `update_tokens=` (the batch). The first
 is the reference. Every contender is a real `transformer.training.Trainer` (dropout, the chunked projection+loss,
 fused Adam, the schedule) stepping through epoch 0 of its own batch plan (`train.seed` 1), exactly as training
@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import set_threads  # noqa: E402
-from transformer.model import make_config  # noqa: E402
-from transformer.training import Trainer, TrainingConfig  # noqa: E402
+from bench.common import set_threads
+from transformer.model import make_config
+from transformer.training import Trainer, TrainingConfig
 
 
 def load_train(folder: Path):

@@ -1,6 +1,6 @@
 """Ray Train's cost over the same training loop in a plain process, on CPU.
 
-    PYTHONPATH=. python bench/train_ray.py [--updates 40] [--preset tiny]
+    python -m bench.train_ray [--updates 40] [--preset tiny]
 
 Runs `transformer.training.Trainer` on a synthetic corpus (Multi30k-like lengths, 8k vocabulary) three ways:
 in this process (the peer), and through `TorchTrainer` with 1 and 2 CPU workers (1 CPU each). Prints updates/s,

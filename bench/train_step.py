@@ -1,10 +1,10 @@
 """Training-step throughput on CPU: our Transformer against Hugging Face MarianMTModel with the same weights.
 
-    PYTHONPATH=. python bench/train_step.py [--presets multi30k tiny-wu] [--lengths 16 32 64] [--tokens 4096]
+    python -m bench.train_step [--presets multi30k tiny-wu] [--lengths 16 32 64] [--tokens 4096]
 
 One step = forward, label-smoothed loss, backward, Adam update, on the same padded batch (same sentences,
 same padding) for both; float32; dropout on as in training (the preset's P_drop for both). The peer is built by
-`pipeline.export_marian.to_marian`, so both start from identical weights, and is given the idiomatic
+`pipeline.commands.export_marian.to_marian`, so both start from identical weights, and is given the idiomatic
 `F.cross_entropy(..., label_smoothing=)` (HF's own `labels=` loss has no smoothing). Steps alternate between the
 two so that other jobs on a shared machine slow both alike; warm-up steps are excluded; the median is reported.
 
@@ -18,18 +18,14 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import batch_flops, matmul_peak_flops, set_threads, step_seconds, translation_batch  # noqa: E402
-from transformer import PAD_ID, Transformer, make_config  # noqa: E402
-from transformer.loss import projected_label_smoothed_nll_loss  # noqa: E402
-from transformer.schedule import make_optimizer  # noqa: E402
+from bench.common import batch_flops, matmul_peak_flops, set_threads, step_seconds, translation_batch
+from transformer.loss import projected_label_smoothed_nll_loss
+from transformer.model import PAD_ID, Transformer, make_config
+from transformer.schedule import make_optimizer
 
 VOCAB = {"multi30k": 8000, "tiny-wu": 10000, "tiny": 8000, "base": 37000, "big": 37000}  # STACK-FACTS' BPE sizes
 
@@ -73,7 +69,7 @@ def adam(params, fused: bool | None = None) -> torch.optim.Adam:
 
 
 def bench_shape(preset: str, length: int, args, peak: float) -> dict:
-    from pipeline.export_marian import to_marian
+    from pipeline.commands.export_marian import to_marian
 
     vocab = args.vocab or VOCAB[preset]
     torch.manual_seed(0)

@@ -21,12 +21,12 @@ import mlflow
 import sentencepiece as spm
 import torch
 
-from pipeline.inspection import choose_samples, inspect_model, log_inspection
-from pipeline.layout import SPM_FILE, find_checkpoints
-from pipeline.params import AverageParams, Params, load_params
-from pipeline.pyfunc import log_translation_model
-from pipeline.tracking import stage_run
-from pipeline.translate import read_lines
+from pipeline.common.files import read_lines
+from pipeline.common.inspection import choose_samples, inspect_model, log_inspection
+from pipeline.common.layout import SPM_FILE, find_checkpoints
+from pipeline.common.params import AverageParams, Params, load_params
+from pipeline.common.pyfunc import log_translation_model
+from pipeline.common.tracking import stage_run
 from transformer.checkpoint import average_checkpoints, load_model, save_model
 
 log = logging.getLogger("pipeline.average")

@@ -36,9 +36,10 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_path, write_text_atomic
-from pipeline.params import BinariseParams, load_params
-from pipeline.tracking import log_stage_metrics, stage_run
+from pipeline.common.files import atomic_path, write_text_atomic
+from pipeline.common.layout import SPM_FILE
+from pipeline.common.params import BinariseParams, load_params
+from pipeline.common.tracking import log_stage_metrics, stage_run
 from transformer.corpus import SAMPLED_SPLIT, SPECIAL_IDS, UNK_ID, SideWriter, token_dtype, write_meta
 
 SPLITS = ("train", "valid", "test")
@@ -236,7 +237,7 @@ def sha256(path: Path) -> str:
 
 
 def load_model(bpe: Path) -> tuple[Path, spm.SentencePieceProcessor]:
-    model = bpe / "spm.model"
+    model = bpe / SPM_FILE
     if not model.exists():
         raise BinariseError(f"{model}: not found (run the learn_bpe stage first)")
     sp = spm.SentencePieceProcessor(model_file=str(model))

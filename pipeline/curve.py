@@ -23,14 +23,15 @@ from pathlib import Path
 
 import mlflow
 import sentencepiece as spm
-from sacrebleu.metrics import BLEU, CHRF
 
-from pipeline.atomic import atomic_path, write_csv_atomic
-from pipeline.layout import SPM_FILE, find_checkpoints
-from pipeline.params import Params, load_params
-from pipeline.tracking import stage_run
-from pipeline.translate import SearchOptions, Translator, read_lines, resolve_device, search_options
+from pipeline.common.files import atomic_path, read_lines, write_csv_atomic
+from pipeline.common.layout import SNAPSHOT_INDEX, SPM_FILE, find_checkpoints
+from pipeline.common.metrics import sacrebleu_scores
+from pipeline.common.params import Params, load_params
+from pipeline.common.tracking import stage_run
+from pipeline.common.translator import Translator, resolve_device, search_options
 from transformer.checkpoint import load, load_model
+from transformer.inference import SearchOptions
 
 log = logging.getLogger("pipeline.curve")
 COLUMNS = ("minutes", "elapsed_minutes", "update", "tokens", "bleu", "chrf", "source")
@@ -38,7 +39,7 @@ COLUMNS = ("minutes", "elapsed_minutes", "update", "tokens", "bleu", "chrf", "so
 
 def snapshot_points(snapshots: Path) -> list[dict]:
     """The snapshots listed in `snapshots/index.json` (written by the train stage), oldest first."""
-    index = snapshots / "index.json"
+    index = snapshots / SNAPSHOT_INDEX
     if not index.is_file():
         raise FileNotFoundError(f"{index}: snapshot index not found (run the train stage)")
     try:
@@ -89,17 +90,14 @@ def measure(
 ) -> tuple[list[dict], str]:
     """BLEU and chrF of each point's translations of `sources` on `device` (decode.device); returns the rows and
     the BLEU signature."""
-    bleu, chrf = BLEU(), CHRF()
-    rows = []
+    rows, signature = [], ""
     for p in points:
         model, _ = load_model(p["path"], map_location=resolve_device(device))
-        hyps = Translator(model, sp, options).translate(sources)
-        row = {k: p[k] for k in COLUMNS if k in p}
-        row["bleu"] = round(bleu.corpus_score(hyps, [refs]).score, 2)
-        row["chrf"] = round(chrf.corpus_score(hyps, [refs]).score, 2)
-        rows.append(row)
-        log.info("minute %.1f (update %d): valid BLEU %.2f", row["minutes"], row["update"], row["bleu"])
-    return rows, str(bleu.get_signature())
+        scores = sacrebleu_scores(Translator(model, sp, options).translate(sources), refs)
+        rows.append({k: p[k] for k in COLUMNS if k in p} | {"bleu": scores["bleu"], "chrf": scores["chrf"]})
+        signature = scores["bleu_signature"]
+        log.info("minute %.1f (update %d): valid BLEU %.2f", p["minutes"], p["update"], scores["bleu"])
+    return rows, signature
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -18,10 +18,10 @@ import mlflow
 import torch
 from tqdm import tqdm
 
-from pipeline.atomic import write_text_atomic
-from pipeline.params import load_params
-from pipeline.tracking import log_stage_metrics, stage_run
-from pipeline.translate import Translator, read_lines, search_options
+from pipeline.common.files import read_lines, write_text_atomic
+from pipeline.common.params import load_params
+from pipeline.common.tracking import log_stage_metrics, stage_run
+from pipeline.common.translator import Translator, search_options
 
 log = logging.getLogger("pipeline.decode")
 

@@ -32,9 +32,9 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HFValidationError, HTTPError, RepositoryNotFoundError
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_path, write_text_atomic
-from pipeline.params import DataParams, load_params
-from pipeline.tracking import log_stage_metrics, stage_run
+from pipeline.common.files import atomic_path, write_text_atomic
+from pipeline.common.params import DataParams, load_params
+from pipeline.common.tracking import log_stage_metrics, stage_run
 
 SPLITS = ("train", "valid", "test")
 BATCH = 10_000

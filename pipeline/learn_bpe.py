@@ -31,9 +31,10 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from pipeline.atomic import atomic_path
-from pipeline.params import BpeParams, load_params
-from pipeline.tracking import stage_run
+from pipeline.common.files import atomic_path
+from pipeline.common.layout import SPM_FILE, SPM_PREFIX
+from pipeline.common.params import BpeParams, load_params
+from pipeline.common.tracking import stage_run
 
 MAX_SENTENCE_BYTES = 4192  # sentencepiece's max_sentence_length (its default), passed explicitly
 TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
@@ -102,7 +103,7 @@ def learn_bpe(raw: Path | str, out: Path | str, src: str, tgt: str, bpe: BpePara
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(sample),
                 max_sentence_length=MAX_SENTENCE_BYTES,
-                model_prefix=str(tmp / "spm"),
+                model_prefix=str(tmp / SPM_PREFIX),
                 model_type="bpe",
                 vocab_size=bpe.vocab_size,
                 character_coverage=bpe.character_coverage,
@@ -117,7 +118,7 @@ def learn_bpe(raw: Path | str, out: Path | str, src: str, tgt: str, bpe: BpePara
             )
         except RuntimeError as e:
             raise too_high(e, bpe.vocab_size) or e from None
-        make_reproducible(tmp / "spm.model")
+        make_reproducible(tmp / SPM_FILE)
     return sample
 
 
@@ -126,7 +127,7 @@ def make_reproducible(model: Path) -> None:
     same data and params give the same bytes, hence the same DVC hash, on any machine."""
     proto = sp_pb2.ModelProto()
     proto.ParseFromString(model.read_bytes())
-    proto.trainer_spec.model_prefix = "spm"
+    proto.trainer_spec.model_prefix = SPM_PREFIX
     proto.trainer_spec.ClearField("num_threads")
     model.write_bytes(proto.SerializeToString())
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                                verbose=args.verbose)  # fmt: skip
         except BpeError as e:
             sys.exit(f"learn_bpe: {e}")
-        model = args.out / "spm.model"
+        model = args.out / SPM_FILE
         mlflow.log_artifact(str(model), artifact_path="bpe")
         learned = {"input_lines": sample.total, "sampled_lines": sample.size, "too_long_lines": sample.too_long}
         mlflow.log_metrics(learned)

@@ -32,11 +32,11 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from pipeline.atomic import atomic_path, write_csv_atomic, write_text_atomic
-from pipeline.layout import checkpoint_name
-from pipeline.params import Params, TrainParams, load_params
-from pipeline.tracking import git_commit, stage_run, tracking_uri
-from pipeline.train_worker import CHECKPOINT_FILE, snapshot_folder, train_loop_per_worker
+from pipeline.common.files import atomic_path, write_csv_atomic, write_text_atomic
+from pipeline.common.layout import SNAPSHOT_INDEX, SPM_FILE, checkpoint_name
+from pipeline.common.params import Params, TrainParams, load_params
+from pipeline.common.tracking import git_commit, stage_run, tracking_uri
+from pipeline.common.train_worker import CHECKPOINT_FILE, snapshot_folder, train_loop_per_worker
 from transformer.batching import PackedCorpus
 from transformer.checkpoint import load, save_atomic
 from transformer.ema import averaged_weights
@@ -154,10 +154,10 @@ def inspection_config(params: Params, raw: Path | None, bpe: Path | None) -> dic
         return None
     import sentencepiece as spm
 
-    from pipeline.inspection import choose_samples
-    from pipeline.translate import read_lines
+    from pipeline.common.files import read_lines
+    from pipeline.common.inspection import choose_samples
 
-    proto = (bpe / "spm.model").read_bytes()
+    proto = (bpe / SPM_FILE).read_bytes()
     sp = spm.SentencePieceProcessor(model_proto=proto)
     data = params.data
     sources, references = (read_lines(raw / f"valid.{lang}") for lang in (data.source_lang, data.target_lang))
@@ -244,7 +244,7 @@ def write_snapshots(result: ray.train.Result, out: Path) -> list[dict]:
                 (tmp / name).write_bytes(f.read())
             s = load(tmp / name)
             index.append({"file": name, **{k: s[k] for k in ("minutes", "elapsed_minutes", "update", "tokens")}})
-        (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (tmp / SNAPSHOT_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return index
 
 

@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 # Hub access fails on CI machines: datasets must fail fast instead of retrying for ~20 s.
@@ -11,7 +10,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 MULTI30K = SHARED / "data" / "multi30k"
-sys.path.insert(0, str(REPO))
 
 
 import pytest  # noqa: E402

@@ -6,8 +6,7 @@ import torch
 from test_dropout import within_5_sigma  # the kept-share bound the paper's dropout is checked with
 from torch import nn
 
-from transformer import Transformer, make_config
-from transformer.model import FeedForward, MultiHeadAttention, attention_weights
+from transformer.model import FeedForward, MultiHeadAttention, Transformer, attention_weights, make_config
 
 
 def _identity_(linear: nn.Linear) -> None:

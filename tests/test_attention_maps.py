@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import transformer.model as model_module
-from transformer import BOS_ID, PAD_ID, Transformer, make_config
 from transformer.attention_maps import AttentionMaps, record_attention, teacher_forced_maps
+from transformer.model import BOS_ID, PAD_ID, Transformer, make_config
 
 V = 40
 

@@ -10,8 +10,8 @@ import torch
 from helpers_eval import make_workspace, mlflow_store, tiny_model, write_checkpoint, write_params
 
 from pipeline import average as stage
-from pipeline.layout import find_checkpoints
-from pipeline.params import AverageParams, ParamsError, parse_params
+from pipeline.common.layout import find_checkpoints
+from pipeline.common.params import AverageParams, ParamsError, parse_params
 from transformer.checkpoint import load_model, save_atomic
 
 

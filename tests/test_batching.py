@@ -2,6 +2,7 @@
 (seed, epoch), worker shards partition the global batch whatever W, and padding stays small on Multi30k."""
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -16,7 +17,10 @@ from transformer.batching import (
     cut_batches,
     fixed_batches,
     length_order,
+    pad_right,
     padding_fraction,
+    source_tokens,
+    translation_batches,
 )
 from transformer.model import BOS_ID, EOS_ID, PAD_ID
 
@@ -193,3 +197,47 @@ def test_packed_corpus_round_trips_through_arrays():
     assert len(corpus) == 2
     assert corpus.src_lengths.tolist() == [2, 3] and corpus.tgt_lengths.tolist() == [3, 1]
     assert [a.tolist() for a in corpus[1]] == [[8, 9, EOS_ID], [EOS_ID]]
+
+
+def greedy_cut(lengths, max_tokens):
+    """The translation batching the decode stage had before it moved into the library: longest first, a batch
+    closed when one more sentence would put sentences × longest over the budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current, longest = [], [], 0
+    for i in order:
+        longest = max(longest, lengths[i])
+        if current and longest * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, longest = [], lengths[i]
+        current.append(i)
+    return batches + ([current] if current else [])
+
+
+def test_translation_batches_cover_every_index_once_within_the_budget():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 30) for _ in range(200)]
+    batches = [b.tolist() for b in translation_batches(lengths, max_tokens=60)]
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 60
+    # Sorted by length: each batch's longest is at most the previous batch's shortest.
+    for prev, nxt in zip(batches, batches[1:], strict=False):
+        assert max(lengths[i] for i in nxt) <= min(lengths[i] for i in prev)
+    assert batches == greedy_cut(lengths, 60)
+
+
+def test_a_sentence_longer_than_the_translation_budget_gets_its_own_batch():
+    assert [b.tolist() for b in translation_batches([5, 50, 5], max_tokens=10)] == [[1], [0, 2]]
+    assert [b.tolist() for b in translation_batches([50, 60], max_tokens=10)] == [[1], [0]]
+    with pytest.raises(ValueError, match="max_tokens=10"):
+        cut_batches(np.arange(2), np.array([5, 50]), 10)  # training: the filter should have caught it
+
+
+def test_source_tokens_cap_the_source_and_end_in_eos():
+    assert source_tokens([7, 8, 9], max_positions=8) == [7, 8, 9, EOS_ID]
+    assert source_tokens(list(range(10, 20)), max_positions=4) == [10, 11, 12, EOS_ID]
+
+
+def test_pad_right_pads_each_row_to_the_longest():
+    out = pad_right([[5, 6, 7], [8], np.array([9, 10])])
+    assert out.tolist() == [[5, 6, 7], [8, PAD_ID, PAD_ID], [9, 10, PAD_ID]] and out.dtype == torch.long

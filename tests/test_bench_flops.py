@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import batch_flops, forward_flops
-from transformer import Transformer, make_config
+from transformer.model import Transformer, make_config
 
 S, T, B = 7, 5, 3  # source length, target length, sentences (no padding)
 

@@ -10,9 +10,9 @@ import sentencepiece as spm
 from conftest import REPO
 
 from pipeline import binarise as bz
+from pipeline.common.params import BinariseParams, BpeParams, DataParams
 from pipeline.download import download
 from pipeline.learn_bpe import learn_bpe
-from pipeline.params import BinariseParams, BpeParams, DataParams
 from transformer import corpus as corpus_module
 from transformer.corpus import EOS_ID, ParallelCorpus, read_meta
 
@@ -263,7 +263,7 @@ def test_bpe_dropout_copies_are_the_kept_training_pairs_segmented_anew(stages, t
 
 
 def test_training_reads_the_sampled_copies_and_tells_the_trainer_how_many(stages, tmp_path):
-    from pipeline.params import TrainParams
+    from pipeline.common.params import TrainParams
     from pipeline.train import load_data, training_config
 
     binarise(stages, tmp_path / "bin", bpe_dropout=0.1, sampled_copies=2)

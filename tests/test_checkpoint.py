@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer import Transformer, make_config
 from transformer.checkpoint import (
     average_checkpoints,
     average_state_dicts,
@@ -16,6 +15,7 @@ from transformer.checkpoint import (
     save_atomic,
     save_model,
 )
+from transformer.model import Transformer, make_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import torch
 from helpers_eval import make_workspace, mlflow_store, tiny_model, write_params
 
 from pipeline import curve as stage
-from pipeline.translate import read_lines
+from pipeline.common.files import read_lines
 from transformer.checkpoint import save_atomic
 
 
@@ -105,7 +105,7 @@ def test_a_broken_index_is_named(workspace):
 
 
 def test_curve_search_is_decodes_unless_curve_sets_beam_or_alpha():
-    from pipeline.params import parse_params
+    from pipeline.common.params import parse_params
 
     same = stage.curve_options(parse_params({"decode": {"beam": 5, "alpha": 1.0, "max_tokens": 300}}))
     assert (same.beam, same.alpha, same.max_tokens) == (5, 1.0, 300)

@@ -1,7 +1,6 @@
 """Stage `decode`: line-aligned hypotheses in input order; token batching never changes a translation."""
 
 import json
-import random
 import shutil
 
 import pytest
@@ -10,8 +9,11 @@ from helpers_eval import make_workspace, mlflow_store, write_params
 
 from pipeline import decode as stage
 from pipeline.average import average
-from pipeline.params import AverageParams
-from pipeline.translate import SearchOptions, Translator, read_lines, token_batches
+from pipeline.common.files import read_lines
+from pipeline.common.params import AverageParams
+from pipeline.common.translator import Translator
+from transformer.batching import translation_batches
+from transformer.inference import SearchOptions
 
 
 @pytest.fixture
@@ -34,28 +36,12 @@ def workspace(tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_token_batches_cover_every_index_once_within_the_budget():
-    rng = random.Random(0)
-    lengths = [rng.randint(1, 30) for _ in range(200)]
-    batches = token_batches(lengths, max_tokens=60)
-    assert sorted(i for b in batches for i in b) == list(range(200))
-    for b in batches:
-        assert len(b) * max(lengths[i] for i in b) <= 60
-    # Sorted by length: each batch's longest is at most the previous batch's shortest.
-    for prev, nxt in zip(batches, batches[1:], strict=False):
-        assert max(lengths[i] for i in nxt) <= min(lengths[i] for i in prev)
-
-
-def test_a_sentence_longer_than_the_budget_gets_its_own_batch():
-    assert token_batches([5, 50, 5], max_tokens=10) == [[1], [0, 2]]
-
-
 def test_batching_by_tokens_gives_the_same_hypotheses_as_one_by_one(workspace):
     sentences = read_lines(workspace / "data" / "raw" / "test.en")
     options = SearchOptions(beam=3, max_len_b=8, max_tokens=120)
     translator = Translator.from_file(workspace / "models" / "average.pt", options, device="cpu")
     sources = [translator.encode(s) for s in sentences]
-    assert len(token_batches([len(s) for s in sources], 120)) > 1  # several batches, not one
+    assert len(translation_batches([len(s) for s in sources], 120)) > 1  # several batches, not one
     batched = translator.translate(sentences)
     one_by_one = [translator.translate([s])[0] for s in sentences]
     assert batched == one_by_one
@@ -96,7 +82,7 @@ def test_missing_source_is_named(workspace):
 
 
 def test_device_auto_is_cuda_only_when_torch_sees_a_gpu(monkeypatch):
-    from pipeline.translate import resolve_device
+    from pipeline.common.translator import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -108,7 +94,7 @@ def test_device_auto_is_cuda_only_when_torch_sees_a_gpu(monkeypatch):
 
 
 def test_decode_device_param_is_checked_and_reaches_the_translator(workspace, monkeypatch):
-    from pipeline.params import ParamsError, parse_params
+    from pipeline.common.params import ParamsError, parse_params
 
     with pytest.raises(ParamsError, match=r"key 'decode.device'"):
         parse_params({"decode": {"device": "tpu"}})

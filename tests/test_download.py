@@ -8,7 +8,7 @@ import pytest
 from conftest import MULTI30K, REPO
 
 from pipeline import download as dl
-from pipeline.params import DataParams
+from pipeline.common.params import DataParams
 
 DE_EN = datasets.Features({"translation": datasets.Translation(languages=["de", "en"])})
 

@@ -174,7 +174,7 @@ def test_metrics_plots_and_summary(pipeline, repo, env):
     shown = json.dumps(plots)
     for name, y in (("plots/train.csv", "loss"), ("plots/valid.csv", "valid_loss"), ("plots/bleu_curve.csv", "bleu")):
         assert name in shown and f'"{y}"' in shown
-    summary = run(repo, env, sys.executable, "-m", "pipeline.summary")
+    summary = run(repo, env, sys.executable, "-m", "pipeline.commands.summary")
     assert f"BLEU  {pipeline['score']['bleu']:.2f}   sacreBLEU nrefs:1" in summary
     assert (
         f"mlflow ui --backend-store-uri sqlite:///{repo}/mlflow.db --host 127.0.0.1 --port 5000 --workers 1" in summary

@@ -6,9 +6,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from pipeline.export_marian import main, marian_permutation, to_marian  # noqa: E402
-from transformer import Transformer, make_config  # noqa: E402
+from pipeline.commands.export_marian import main, marian_permutation, to_marian  # noqa: E402
 from transformer.checkpoint import save_model  # noqa: E402
+from transformer.model import Transformer, make_config  # noqa: E402
 
 V = 53
 

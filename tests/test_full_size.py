@@ -1,4 +1,4 @@
-"""bench/full_size.py and bench/proc_tree.py, the full-size measurement: the process-tree sampler sees memory in
+"""tools/full_size.py and tools/proc_tree.py, the full-size measurement: the process-tree sampler sees memory in
 children and grandchildren, the stages run dvc.yaml's own commands with params composed as DVC composes them,
 and the targets of issue #17 are judged as stated."""
 
@@ -8,8 +8,8 @@ import sys
 import yaml
 from conftest import REPO
 
-from bench import full_size
-from bench.proc_tree import TreeSampler, wait_sampled
+from tools import full_size
+from tools.proc_tree import TreeSampler, wait_sampled
 
 ALLOCATE = "import time; x = bytearray({n}); x[::4096] = b'1' * len(x[::4096]); time.sleep({s})"
 
@@ -73,7 +73,7 @@ def test_object_store_size_counts_a_file_mapped_twice_once(tmp_path):
 
     import psutil
 
-    from bench.proc_tree import plasma_bytes
+    from tools.proc_tree import plasma_bytes
 
     path = tmp_path / "plasma-store"
     path.write_bytes(b"\1" * (4 << 20))  # 4 MiB written: 4 MiB of blocks

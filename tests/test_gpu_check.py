@@ -1,4 +1,4 @@
-"""bench/gpu_check.py, the GPU acceptance script, runs its every check on this CPU with tiny sizes (as CI can),
+"""tools/gpu_check.py, the GPU acceptance script, runs its every check on this CPU with tiny sizes (as CI can),
 writes them as JSON, and exits non-zero when one fails."""
 
 import json
@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from bench import gpu_check
+from tools import gpu_check
 
 CHECKS = {"train_tiny", "cache_fp32", "cache_bf16", "loss_grad_bf16", "beam_decode", "learns"}
 
@@ -16,7 +16,7 @@ CHECKS = {"train_tiny", "cache_fp32", "cache_bf16", "loss_grad_bf16", "beam_deco
 @pytest.mark.slow
 def test_every_check_passes_on_cpu_with_tiny_sizes(tmp_path):
     out = tmp_path / "gpu_check.json"
-    cmd = [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--tiny", "--out", str(out)]
+    cmd = [sys.executable, "-m", "tools.gpu_check", "--device", "cpu", "--tiny", "--out", str(out)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())
@@ -44,7 +44,7 @@ def test_it_needs_only_torch_numpy_and_the_library():
     # A bare GPU box has torch and numpy: the script must not pull in the pipeline's other dependencies.
     forbidden = ("ray", "mlflow", "dvc", "sentencepiece", "datasets", "yaml", "pydantic", "pipeline", "sacrebleu")
     program = (
-        f"import sys, bench.gpu_check; print(sorted({{m.split('.')[0] for m in sys.modules}} & set({forbidden!r})))"
+        f"import sys, tools.gpu_check; print(sorted({{m.split('.')[0] for m in sys.modules}} & set({forbidden!r})))"
     )
     out = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

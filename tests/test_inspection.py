@@ -12,7 +12,7 @@ import sentencepiece as spm
 import torch
 from helpers_eval import make_workspace, mlflow_store
 
-from pipeline.inspection import (
+from pipeline.common.inspection import (
     MAX_TOKENS,
     MIN_TOKENS,
     SAMPLES_TABLE,
@@ -23,8 +23,9 @@ from pipeline.inspection import (
     inspect_model,
     log_inspection,
 )
-from pipeline.translate import SearchOptions, Translator
-from transformer import EOS_ID
+from pipeline.common.translator import Translator
+from transformer.inference import SearchOptions
+from transformer.model import EOS_ID
 from transformer.search import greedy_search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,12 +117,12 @@ def test_mlflow_gets_a_stepped_image_per_sentence_and_layer_and_the_table_grows_
 def test_translate_show_attention_draws_one_sentence(workspace, tmp_path):
     root, _, _ = workspace
     from pipeline.average import average
-    from pipeline.params import AverageParams
+    from pipeline.common.params import AverageParams
 
     model_file = tmp_path / "average.pt"
     average(root / "models" / "checkpoints", root / "data" / "bpe", model_file, AverageParams(last=1), {})
     png = tmp_path / "attention.png"
-    cmd = [sys.executable, "-m", "pipeline.translate", "--model", str(model_file), "--beam", "2"]
+    cmd = [sys.executable, "-m", "pipeline.commands.translate", "--model", str(model_file), "--beam", "2"]
     out = subprocess.run([*cmd, "--show-attention", str(png)], input="A man is walking.\n", cwd=REPO,
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert png.read_bytes()[:4] == b"\x89PNG"

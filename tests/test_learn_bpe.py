@@ -8,8 +8,8 @@ import sentencepiece as spm
 from conftest import REPO
 from test_binarise import make_raw
 
+from pipeline.common.params import BpeParams
 from pipeline.learn_bpe import BpeError, learn_bpe, main
-from pipeline.params import BpeParams
 
 
 @pytest.fixture(scope="module")

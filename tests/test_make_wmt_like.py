@@ -1,4 +1,4 @@
-"""bench/make_wmt_like.py: the hub's wmt14 layout that the download stage reads, the same bytes for the same seed,
+"""tools/make_wmt_like.py: the hub's wmt14 layout that the download stage reads, the same bytes for the same seed,
 and the statistics it promises (lengths, Zipf types, the long tail) against values derived from its parameters."""
 
 import json
@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bench import make_wmt_like as gen
 from pipeline import download as dl
-from pipeline.params import DataParams
+from pipeline.common.params import DataParams
+from tools import make_wmt_like as gen
 
 SMALL = ["--train-pairs", "1500", "--valid-pairs", "30", "--test-pairs", "33", "--vocab-size", "20000"]
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformer import BOS_ID, EOS_ID, PAD_ID, Transformer, TransformerConfig, make_config
 from transformer.loss import label_smoothed_nll_loss
+from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer, TransformerConfig, make_config
 
 V = 40
 

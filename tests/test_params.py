@@ -10,7 +10,7 @@ import yaml
 from dvc.utils.hydra import compose_and_dump
 from pydantic import ValidationError
 
-from pipeline.params import Params, ParamsError, load_params, parse_params
+from pipeline.common.params import Params, ParamsError, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "preset").glob("*.yaml"))

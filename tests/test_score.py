@@ -9,7 +9,7 @@ import pytest
 from helpers_eval import mlflow_store, write_params, write_raw
 
 from pipeline import score as stage
-from pipeline.translate import read_lines
+from pipeline.common.files import read_lines
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_compound_splitting_rewards_partly_right_compounds():
 
 
 def test_summary_prints_the_scores_and_how_to_open_the_ui(workspace):
-    from pipeline.summary import summary
+    from pipeline.commands.summary import summary
 
     scores = {"split": "test", **stage.score(["Ein Hund läuft."], ["Ein Hund läuft."], bootstrap=100)}
     text = summary(scores, f"sqlite:///{workspace}/mlflow.db", "nothing-here")

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from transformer.beam_search import Hypothesis, beam_search, penalty_table
 from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer, make_config
-from transformer.search import Hypothesis, beam_search, greedy_search, max_output_lengths, penalty_table
+from transformer.search import greedy_search, max_output_lengths
 
 V = 24
 

@@ -154,7 +154,7 @@ def test_a_restart_deletes_the_snapshots_of_the_stretch_it_trains_again(tmp_path
     """Snapshots after the update a run restarts from (and unfinished copies) go; those up to it stay."""
     import pyarrow.fs
 
-    from pipeline.train_worker import drop_snapshots_after
+    from pipeline.common.train_worker import drop_snapshots_after
 
     names = ["snapshot_00000003.pt", "snapshot_00000007.pt", "snapshot_00000008.pt", "snapshot_00000009.pt.tmp"]
     for name in [*names, "index.json"]:

@@ -13,7 +13,7 @@ import yaml
 from helpers_eval import mlflow_store, write_params
 
 from pipeline import tracking
-from pipeline.params import load_params
+from pipeline.common.params import load_params
 
 STAGES = ("download", "learn_bpe", "train")
 
@@ -161,7 +161,7 @@ STAGE_PROCESS = """
 import os, sys, time
 from pathlib import Path
 from pipeline import tracking
-from pipeline.params import load_params
+from pipeline.common.params import load_params
 tracking.pipeline_key = lambda: "test:" + sys.argv[1]
 params = load_params()
 Path(sys.argv[1] + ".ready").touch()

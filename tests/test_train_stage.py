@@ -244,7 +244,7 @@ def test_a_rerun_resumes_only_a_run_of_the_same_trajectory(tmp_path):
     """A rerun resumes the Ray run named by `fingerprint`. On the paper's schedule a longer budget continues a run;
     with a cool-down the rate follows the budget, so another budget is another run (a 20-minute rerun of the
     multi30k preset once resumed a 60-minute run's checkpoints). Checkpointing and logging never matter."""
-    from pipeline.params import parse_params
+    from pipeline.common.params import parse_params
     from pipeline.train import fingerprint
 
     write_bin(tmp_path / "bin")

@@ -7,8 +7,9 @@ import pytest
 from helpers_eval import make_workspace
 
 from pipeline.average import average
-from pipeline.params import AverageParams
-from pipeline.translate import SearchOptions, Translator
+from pipeline.common.params import AverageParams
+from pipeline.common.translator import Translator
+from transformer.inference import SearchOptions
 
 SENTENCES = ["A man is walking.", "", "Two dogs play in the snow.", "A girl."]
 
@@ -22,7 +23,7 @@ def model_file(tmp_path_factory):
 
 
 def cli(*args, stdin=None):
-    cmd = [sys.executable, "-m", "pipeline.translate", *map(str, args)]
+    cmd = [sys.executable, "-m", "pipeline.commands.translate", *map(str, args)]
     out = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -39,7 +40,7 @@ def test_file_and_stdin_give_the_library_translations(model_file, tmp_path):
 
 def test_bad_arguments_are_refused(model_file):
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.translate", "--model", str(model_file), "--beam", "0"],
+        [sys.executable, "-m", "pipeline.commands.translate", "--model", str(model_file), "--beam", "0"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -52,4 +53,4 @@ def test_console_script_is_declared():
     from pathlib import Path
 
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["translate"] == "pipeline.translate:main"
+    assert project["project"]["scripts"]["translate"] == "pipeline.commands.translate:main"

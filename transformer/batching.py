@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from transformer.model import BOS_ID, PAD_ID
+from transformer.model import BOS_ID, EOS_ID, PAD_ID
 
 
 class PackedCorpus:
@@ -99,15 +99,20 @@ def length_order(src_lengths: np.ndarray, tgt_lengths: np.ndarray, rng: np.rando
     return np.lexsort((tiebreak, tgt_lengths, size))
 
 
-def cut_batches(order: np.ndarray, sizes: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+def cut_batches(order: np.ndarray, sizes: np.ndarray, max_tokens: int, too_long: str = "raise") -> list[np.ndarray]:
     """Greedy cut of `order` into runs whose cost n × max(sizes) ≤ max_tokens. `sizes` = max(src, tgt) per
-    sentence. The cost of a run is increasing in its length, so each cut is a search over one window."""
-    too_long = np.flatnonzero(sizes > max_tokens)
-    if len(too_long):
-        i = int(too_long[0])
+    sentence. The cost of a run is increasing in its length, so each cut is a search over one window.
+
+    A sentence longer than `max_tokens` raises (`too_long="raise"`: training, where the filter should have
+    caught it) or gets a batch of its own (`"alone"`: translation, where every input gets an output)."""
+    if too_long not in ("raise", "alone"):
+        raise ValueError(f"too_long must be 'raise' or 'alone', got {too_long!r}")
+    too_long_ids = np.flatnonzero(np.asarray(sizes) > max_tokens) if too_long == "raise" else []
+    if len(too_long_ids):
+        i = int(too_long_ids[0])
         raise ValueError(
             f"sentence {i} has {int(sizes[i])} tokens, more than max_tokens={max_tokens} "
-            f"({len(too_long)} such sentences); raise max_tokens or filter the corpus harder (binarise.max_len)"
+            f"({len(too_long_ids)} such sentences); raise max_tokens or filter the corpus harder (binarise.max_len)"
         )
     # One Python iteration per batch (45k at WMT14 size, under a second), over a window no longer than the
     # batch can be: n sentences cost at least n × (the first one's size), so n ≤ max_tokens // that size.
@@ -117,7 +122,7 @@ def cut_batches(order: np.ndarray, sizes: np.ndarray, max_tokens: int) -> list[n
     while start < n:
         window = ordered[start : start + max_tokens // max(int(ordered[start]), 1) + 1]
         cost = np.maximum.accumulate(window) * counts[: len(window)]
-        take = int(np.searchsorted(cost, max_tokens, side="right"))
+        take = max(int(np.searchsorted(cost, max_tokens, side="right")), 1)  # 1: a too-long sentence alone
         batches.append(order[start : start + take])
         start += take
     return batches
@@ -191,6 +196,30 @@ def fixed_batches(src_lengths, tgt_lengths, max_tokens: int) -> list[np.ndarray]
     """Batches in length order without shuffling: validation and evaluation."""
     sizes = np.maximum(np.asarray(src_lengths), np.asarray(tgt_lengths)).astype(np.int64)
     return cut_batches(length_order(np.asarray(src_lengths), np.asarray(tgt_lengths), None), sizes, max_tokens)
+
+
+def translation_batches(lengths, max_tokens: int) -> list[np.ndarray]:
+    """Source indices for translation, longest first (ties in input order), cut so that each batch's padded
+    size (sentences × longest) stays within `max_tokens`: similar lengths share a batch, and an out-of-memory
+    batch shows up at once rather than at the end. A sentence longer than the budget gets a batch of its own."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    return cut_batches(order, lengths, max_tokens, too_long="alone")
+
+
+def source_tokens(pieces: list[int], max_positions: int) -> list[int]:
+    """A source as the encoder reads it: its pieces then eos. The encoder has `max_positions` positions, so a
+    longer source keeps its beginning (and its eos)."""
+    return list(pieces[: max_positions - 1]) + [EOS_ID]
+
+
+def pad_right(sequences, value: int = PAD_ID) -> Tensor:
+    """(B, longest) LongTensor of `sequences` (lists or int arrays), right-padded with `value`."""
+    width = max((len(s) for s in sequences), default=0)
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    return out  # (B, S)
 
 
 def padding_fraction(batches: list[np.ndarray], src_lengths, tgt_lengths) -> float:

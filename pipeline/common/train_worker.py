@@ -24,7 +24,7 @@ import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from pipeline.inspection import Sample, inspect_model, log_inspection
+from pipeline.common.inspection import Sample, inspect_model, log_inspection
 from transformer.batching import PackedCorpus
 from transformer.checkpoint import load
 from transformer.model import TransformerConfig
@@ -94,7 +94,7 @@ class RayHooks(Hooks):
 
 
 class Inspector:
-    """Rank 0's look inside the model at each validation (pipeline/inspection.py): attention grids and greedy
+    """Rank 0's look inside the model at each validation (pipeline/common/inspection.py): attention grids and greedy
     translations of the fixed validation sentences the driver chose. The maps are taken at once, from the
     weights of this update; drawing and uploading (seconds) run in a background thread, because on a GPU
     node every other rank would wait for rank 0 at the next all-reduce meanwhile."""

@@ -1,6 +1,6 @@
 """What `make demo` prints at the end: the scores, and how to look at the runs in MLflow.
 
-python -m pipeline.summary [--score metrics/score.json]
+python -m pipeline.commands.summary [--score metrics/score.json]
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.params import load_params
-from pipeline.tracking import tracking_uri
+from pipeline.common.params import load_params
+from pipeline.common.tracking import tracking_uri
 
 UI_PORT = 5000
 

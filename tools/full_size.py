@@ -1,8 +1,8 @@
 """The main job at full size, stage by stage: wall time, peak memory of each stage's whole process tree, throughput.
 
-    PYTHONPATH=$PWD python bench/full_size.py --corpus /data/wmt14-like --work /data/full-size
+    python -m tools.full_size --corpus /data/wmt14-like --work /data/full-size
 
-`--corpus` is a folder in the hub's wmt14 layout (`bench/make_wmt_like.py` writes one). In `--work`, a scratch
+`--corpus` is a folder in the hub's wmt14 layout (`tools/make_wmt_like.py` writes one). In `--work`, a scratch
 project (its own params.yaml, data/, models/, metrics/, MLflow store and datasets cache), the script runs the
 stage commands of dvc.yaml, read from dvc.yaml itself, with params.yaml composed from conf/ by Hydra as
 `dvc exp run -S preset=wmt14-base -S data.dataset=<corpus> [-S ...]` composes it:
@@ -17,7 +17,7 @@ stage commands of dvc.yaml, read from dvc.yaml itself, with params.yaml composed
    length: `--decode-cap source` (default) caps it at the source length (decode.max_len_b=0), about where a
    trained model stops; `--decode-cap paper` keeps the paper's source + 50.
 
-Each stage's process tree (the stage, its worker pool, Ray's processes) is sampled every 0.2 s (bench/proc_tree.py).
+Each stage's process tree (the stage, its worker pool, Ray's processes) is sampled every 0.2 s (tools/proc_tree.py).
 Run it on an idle machine: with other jobs on the cores, torch's two OpenMP threads spin-wait for each other and
 train and decode slow down several times over (measured at load 15 on 2 cores: the same 8 sentences decoded in
 5 s with 1 thread and 40 s with 2); the JSON records the load average at each stage's start.
@@ -43,10 +43,9 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from tools.proc_tree import TreePeaks, wait_sampled
 
-from bench.proc_tree import TreePeaks, wait_sampled  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 STAGES = ("download", "learn_bpe", "binarise", "plan", "train", "decode")
 GB = 1e9
@@ -141,7 +140,7 @@ def data_stage(stage: str, work: Path) -> dict:
 PLAN_PROGRAM = """
 import json, resource, sys, time
 t0 = time.perf_counter()
-from pipeline.params import load_params
+from pipeline.common.params import load_params
 from pipeline.train import load_data
 from transformer.batching import BatchPlan
 train = load_params().train

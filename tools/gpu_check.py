@@ -1,7 +1,7 @@
 """GPU acceptance in one script: what a GPU run of the pipeline relies on, checked on the device in minutes.
 
-    PYTHONPATH=$PWD python bench/gpu_check.py --out gpu_check.json          # one CUDA GPU, about 2-4 minutes
-    PYTHONPATH=$PWD python bench/gpu_check.py --device cpu --tiny           # the same checks, tiny, < 1 min
+    python -m tools.gpu_check --out gpu_check.json          # one CUDA GPU, about 2-4 minutes
+    python -m tools.gpu_check --device cpu --tiny           # the same checks, tiny, < 1 min
 
 Needs torch, numpy and this repository's `transformer/` only (no Ray, DVC, MLflow, sentencepiece or network), so
 it runs on a bare GPU box with `pip install torch numpy`. Checks, each a row of the table and of the JSON:
@@ -46,15 +46,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import forward_flops, matmul_peak_flops
+from transformer.batching import PackedCorpus
+from transformer.beam_search import beam_search
+from transformer.loss import projected_label_smoothed_nll_loss
+from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer, make_config
+from transformer.training import Hooks, Trainer, TrainingConfig
 
-from bench.common import forward_flops, matmul_peak_flops  # noqa: E402
-from transformer.batching import PackedCorpus  # noqa: E402
-from transformer.loss import projected_label_smoothed_nll_loss  # noqa: E402
-from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer, make_config  # noqa: E402
-from transformer.search import beam_search  # noqa: E402
-from transformer.training import Hooks, Trainer, TrainingConfig  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 FULL = {  # the paper's sizes on a GPU
     "vocab": 37_000, "update_tokens": 25_000, "max_tokens": 4096, "pairs": 20_000, "warmup": 2, "updates": 6,
@@ -304,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench/gpu_check.py: no CUDA GPU visible to torch; use --device cpu --tiny to run it on a CPU")
+        sys.exit("tools/gpu_check.py: no CUDA GPU visible to torch; use --device cpu --tiny to run it on a CPU")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 in the fp32 checks
     size = TINY if args.tiny else FULL

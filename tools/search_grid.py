@@ -1,6 +1,6 @@
 """BLEU of one model file over a grid of beam sizes and length penalties, on one split (issue #19).
 
-    PYTHONPATH=. python bench/search_grid.py --model models/average.pt --raw data/raw --split valid \
+    python -m tools.search_grid --model models/average.pt --raw data/raw --split valid \
         --beams 1 4 5 6 --alphas 0.6 1.0 1.4
 
 Choose beam and α on the validation split only (`--split valid`), then score the chosen pair once on test.
@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.score import score  # noqa: E402
-from pipeline.translate import SearchOptions, Translator, read_lines  # noqa: E402
+from pipeline.common.files import read_lines
+from pipeline.common.metrics import score
+from pipeline.common.translator import Translator
+from transformer.inference import SearchOptions
 
 
 def main() -> None:

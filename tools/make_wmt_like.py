@@ -1,7 +1,7 @@
 """A WMT14-sized rehearsal corpus in the hub's `wmt/wmt14` layout, for the data stages at full size offline.
 
-    PYTHONPATH=. python bench/make_wmt_like.py --out /tmp/wmt14-like            # 4,508,785 + 3,000 + 3,003 pairs
-    PYTHONPATH=. python bench/make_wmt_like.py --out /tmp/wmt-small --train-pairs 100000
+    python -m tools.make_wmt_like --out /tmp/wmt14-like            # 4,508,785 + 3,000 + 3,003 pairs
+    python -m tools.make_wmt_like --out /tmp/wmt-small --train-pairs 100000
 
 The hub cannot be reached from every machine, so this writes what `datasets` reads from the hub:
 
@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,9 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.atomic import atomic_path  # noqa: E402
+from pipeline.common.files import atomic_path
 
 CONFIG = "de-en"
 LANGS = ("de", "en")  # the struct's field order on the hub
@@ -252,7 +249,7 @@ def readme(splits: dict[str, int], args: argparse.Namespace) -> str:
     return (
         f"---\nconfigs:\n- config_name: {CONFIG}\n  default: true\n  data_files:\n{files}---\n"
         f"# A WMT14-sized synthetic En-De corpus (not a translation corpus)\n\n"
-        f"Made by `bench/make_wmt_like.py --seed {args.seed}` in the hub's `wmt/wmt14` layout ({sizes} pairs).\n"
+        f"Made by `tools/make_wmt_like.py --seed {args.seed}` in the hub's `wmt/wmt14` layout ({sizes} pairs).\n"
         f"See that file's docstring for what it imitates; `generator.json` has the arguments and statistics.\n"
     )
 

@@ -34,7 +34,7 @@ from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.params import PARAMS_FILE, Params
+from pipeline.common.params import PARAMS_FILE, Params
 
 REPO = Path(__file__).resolve().parents[1]
 # Tags a stage sets that say where its products are (e.g. the pyfunc model's URI); linked runs carry them.

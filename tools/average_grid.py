@@ -1,7 +1,7 @@
 """Validation BLEU of the average of the last K checkpoints for several K, of their moving averages
 (train.ema_decay), and of the last checkpoint alone: the averaging window chosen after training, on valid.
 
-    PYTHONPATH=. python bench/average_grid.py --checkpoints models/checkpoints --bpe data/bpe --raw data/raw \
+    python -m tools.average_grid --checkpoints models/checkpoints --bpe data/bpe --raw data/raw \
         --last 1 2 4 6 10 [--ema] [--beam 5 --alpha 1.0]
 
 One row per (K, weights or moving average): sacreBLEU and the tokenised lower-cased BLEU (Multi30k papers' metric,
@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.layout import SPM_FILE, find_checkpoints  # noqa: E402
-from pipeline.score import score  # noqa: E402
-from pipeline.translate import SearchOptions, Translator, read_lines  # noqa: E402
-from transformer.checkpoint import average_checkpoints, save_model  # noqa: E402
+from pipeline.common.files import read_lines
+from pipeline.common.layout import SPM_FILE, find_checkpoints
+from pipeline.common.metrics import score
+from pipeline.common.translator import Translator
+from transformer.checkpoint import average_checkpoints, save_model
+from transformer.inference import SearchOptions
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Export a trained model to Hugging Face `MarianMTModel`: the same function, in a format the ecosystem reads.
 
-    python -m pipeline.export_marian models/average.pt --out models/hf [--spm data/bpe/spm.model]
+    python -m pipeline.commands.export_marian models/average.pt --out models/hf [--spm data/bpe/spm.model]
 
 Marian in `transformers` is the paper's architecture when configured as here: post-norm residual blocks, ReLU
 feed-forward, embeddings scaled by √d_model, one embedding matrix shared by encoder, decoder and the pre-softmax
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pipeline.atomic import atomic_path
+from pipeline.common.files import atomic_path
 from transformer.checkpoint import load_model
 from transformer.model import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Transformer, sinusoid_table
 

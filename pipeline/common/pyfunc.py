@@ -23,7 +23,8 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from pipeline.translate import SearchOptions, Translator
+from pipeline.common.translator import Translator
+from transformer.inference import SearchOptions
 
 PAPER_SEARCH = SearchOptions()  # §6.1
 

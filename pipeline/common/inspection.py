@@ -7,7 +7,7 @@ sentences, logged to MLflow (the train stage at every validation, the average st
   teacher-forced pass over that output (`transformer.attention_maps`; the cached decode gives the same maps).
 - `attention_figure`: one grid per layer: rows encoder self-attention, decoder self-attention, decoder-encoder
   attention; one column per head; tokens on the axes. `cross_attention_figure`: every layer's cross-attention.
-- `draw_cross_attention`: `translate --show-attention OUT.png`, for one sentence from the command line.
+  (`translate --show-attention OUT.png` draws it for one sentence from the command line.)
 - `log_inspection`: the grids as MLflow images with key `attention/sentence_<i>/layer_<l>` and step = update
   (the run's "Model metrics" tab shows them with a step slider), and the translations appended to the table
   `samples.json` (update, sentence, source, reference, hypothesis): one set of rows per validation.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
@@ -26,10 +25,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from pipeline.atomic import atomic_path
-from pipeline.translate import Translator, pad_batch
-from transformer import EOS_ID, Transformer
 from transformer.attention_maps import AttentionMaps, teacher_forced_maps
+from transformer.batching import pad_right, source_tokens
+from transformer.model import EOS_ID, Transformer
 from transformer.search import greedy_search
 
 SAMPLES_TABLE = "samples.json"
@@ -86,11 +84,11 @@ def inspect_model(
     model.eval()
     try:
         device = next(model.parameters()).device
-        sources = [sp.encode(s.source)[: model.cfg.max_positions - 1] + [EOS_ID] for s in samples]
-        src = pad_batch(sources).to(device)  # (B, S)
+        sources = [source_tokens(sp.encode(s.source), model.cfg.max_positions) for s in samples]
+        src = pad_right(sources).to(device)  # (B, S)
         hyps = search(sources) if search is not None else greedy_search(model, src)
         outputs = [h + [EOS_ID] for h in hyps]
-        maps = teacher_forced_maps(model, src, pad_batch(outputs).to(device))
+        maps = teacher_forced_maps(model, src, pad_right(outputs).to(device))
     finally:
         model.train(was_training)
     found = []
@@ -175,14 +173,3 @@ def log_inspection(client: MlflowClient, run_id: str, inspections: Sequence[Insp
         "hypothesis": [f.hypothesis for f in inspections],
     }
     client.log_table(run_id, table, artifact_file=SAMPLES_TABLE)
-
-
-def draw_cross_attention(translator: Translator, sentence: str, out: Path) -> str:
-    """Translate `sentence` with the translator's search and draw the cross-attention that produced the
-    translation into the PNG `out` (`translate --show-attention`); returns the translation."""
-    [found] = inspect_model(translator.model, translator.sp, [Sample(sentence, "")], search=translator.search)
-    title = f"{sentence}\n→ {found.hypothesis}\ndecoder-encoder attention (rows: output tokens, columns: source)"
-    fig = cross_attention_figure(found, title)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    return found.hypothesis

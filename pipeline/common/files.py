@@ -1,5 +1,6 @@
-"""Atomic outputs: a stage writes into a temporary sibling and renames it into place only when complete,
-so a crash never leaves a half-written file or folder that a later stage (or DVC) would trust."""
+"""Reading text files line by line, and writing outputs atomically: a stage writes into a temporary sibling and
+renames it into place only when complete, so a crash never leaves a half-written file or folder that a later
+stage (or DVC) would trust."""
 
 from __future__ import annotations
 
@@ -48,3 +49,17 @@ def write_csv_atomic(final: Path | str, rows: Iterable[Mapping], columns: Sequen
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(final, buf.getvalue())
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Lines split on "\\n" only: `str.splitlines` would also split on U+2028 etc. and break line alignment."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]

@@ -1,7 +1,7 @@
 """Expected data-parallel throughput, time and cost for WMT14 base/big: a model on paper, not a measurement.
 
-    python bench/scaling_model.py            # the tables in bench/README.md and the README
-    python bench/scaling_model.py --a100-vs-p100 4 --overlap 0.3   # any assumption can be changed
+    python -m tools.scaling_model            # the tables in bench/README.md and the README
+    python -m tools.scaling_model --a100-vs-p100 4 --overlap 0.3   # any assumption can be changed
 
 Every number comes from the assumptions below (printed with the tables). The peer is the paper (Vaswani et al.
 2017, §5.2): 8 P100, base 0.4 s/step x 100k steps = 12 h, big 1.0 s/step x 300k steps = 3.5 days.

@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-SPM_FILE = "spm.model"  # in data/bpe: the joint sentencepiece model (learn_bpe)
+SPM_PREFIX = "spm"  # in data/bpe: the joint sentencepiece model (learn_bpe writes spm.model and spm.vocab)
+SPM_FILE = f"{SPM_PREFIX}.model"
+SNAPSHOT_INDEX = "index.json"  # in models/snapshots: one entry per snapshot (train writes, curve reads)
 CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)\.pt$")  # in models/checkpoints (train)
 
 

@@ -55,8 +55,8 @@ class BpeParams(Section):
     """`learn_bpe`: one joint sentencepiece BPE model over source and target (§5.1: ~37k shared tokens).
 
     `input_sentence_size`: training lines (source and target together) sampled to learn from. Sentencepiece holds
-    them all in memory: on the WMT14-sized rehearsal corpus (bench/make_wmt_like.py, 9.0M lines, 2 shared cores,
-    bench/full_size.py) 1M lines took 30 s and 1.1 GB peak, 2M 45 s and 1.6 GB, 4M 77 s and 2.8 GB, all 9.0M
+    them all in memory: on the WMT14-sized rehearsal corpus (tools/make_wmt_like.py, 9.0M lines, 2 shared cores,
+    tools/full_size.py) 1M lines took 30 s and 1.1 GB peak, 2M 45 s and 1.6 GB, 4M 77 s and 2.8 GB, all 9.0M
     147 s and 5.6 GB, over half the 8 GB the data stages may use. The 2M default gives the same segmentation
     length as all lines (33.55 against 33.54 BPE tokens a held-out sentence) and 97% of the same pieces; the
     sample is ours, seeded by `seed`, so the model is reproducible."""
@@ -82,7 +82,7 @@ class BinariseParams(Section):
 
 
 class ModelParams(Section):
-    """`train`: architecture. `arch` names a preset of `transformer.PRESETS`; other keys override it."""
+    """`train`: architecture. `arch` names a preset of `transformer.model.PRESETS`; other keys override it."""
 
     arch: str = "base"
     encoder_layers: PositiveInt | None = None
@@ -131,7 +131,7 @@ class TrainParams(Section):
     keep_checkpoints: PositiveInt = 20
     validate_every_updates: PositiveInt = 1000
     # Not in the paper: at every validation, the attention grids and greedy translations of this many fixed
-    # validation sentences go to MLflow (pipeline/inspection.py), and the average stage logs them for the
+    # validation sentences go to MLflow (pipeline/common/inspection.py), and the average stage logs them for the
     # averaged model; 0: none.
     inspect_sentences: NonNegInt = 3
     log_every_updates: PositiveInt = 100

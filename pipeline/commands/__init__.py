@@ -1,0 +1,1 @@
+"""Commands that are not DVC stages: `translate`, `export_marian`, `summary`."""

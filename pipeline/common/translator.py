@@ -1,0 +1,98 @@
+"""The text side of translation: a model file and its sentencepiece model, sentences in, sentences out.
+
+`Translator` encodes sentences with the model's own sentencepiece model, hands the ids to the library's one
+inference path (`transformer.inference.translate_ids`: batching, padding, the source cap, beam search, input
+order) and detokenises the results. The decode and curve stages, the `translate` command and the MLflow model
+use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from pipeline.common.params import DecodeParams
+from transformer.batching import source_tokens
+from transformer.checkpoint import load_model
+from transformer.inference import SearchOptions, search_batch, translate_ids
+from transformer.model import Transformer
+
+
+def search_options(d: DecodeParams) -> SearchOptions:
+    """The `decode` section of params.yaml as search options (the decode and curve stages)."""
+    return SearchOptions(
+        beam=d.beam, alpha=d.alpha, max_len_a=d.max_len_a, max_len_b=d.max_len_b, max_tokens=d.max_tokens
+    )
+
+
+def sentencepiece_from(extra: dict, model_path: Path, spm_path: Path | None) -> spm.SentencePieceProcessor:
+    """The BPE model embedded in the model file (checked against its sha256), else `spm_path`."""
+    if spm_path is not None:
+        return spm.SentencePieceProcessor(model_file=str(spm_path))
+    bpe = extra.get("bpe") or {}
+    proto = bpe.get("model_proto")
+    if proto is None:
+        raise ValueError(f"{model_path}: no sentencepiece model embedded in this file; pass its path (--spm)")
+    data = proto.numpy().tobytes()
+    if bpe.get("sha256") and hashlib.sha256(data).hexdigest() != bpe["sha256"]:
+        raise ValueError(f"{model_path}: embedded sentencepiece model does not match its recorded sha256")
+    return spm.SentencePieceProcessor(model_proto=data)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """`auto` (or None): cuda when torch sees a GPU, else cpu; anything else as torch names it, checked here so
+    that a missing GPU is said in one line before any model is loaded."""
+    if name is None or name == "auto":
+        return default_device()
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device '{name}' asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
+            "use decode.device: auto or cpu (translate: --device cpu)"
+        )
+    return device
+
+
+class Translator:
+    """A model and its sentencepiece model, translating lists of sentences in batches."""
+
+    def __init__(self, model: Transformer, sp: spm.SentencePieceProcessor, options: SearchOptions):
+        self.model, self.sp, self.options = model, sp, options
+        self.device = next(model.parameters()).device
+        if sp.get_piece_size() != model.cfg.vocab_size:
+            raise ValueError(
+                f"sentencepiece vocabulary ({sp.get_piece_size()}) differs from the model's ({model.cfg.vocab_size})"
+            )
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | Path,
+        options: SearchOptions | None = None,
+        device: str | torch.device | None = None,
+        spm_path: str | Path | None = None,
+    ) -> Translator:
+        device = resolve_device(device)
+        model, extra = load_model(path, map_location=device)
+        sp = sentencepiece_from(extra, Path(path), Path(spm_path) if spm_path else None)
+        return cls(model, sp, options or SearchOptions())
+
+    def encode(self, sentence: str) -> list[int]:
+        return source_tokens(self.sp.encode(sentence), self.model.cfg.max_positions)
+
+    def search(self, sources: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Best hypothesis (token ids, no bos/eos) for each source, same order, as one batch."""
+        return search_batch(self.model, sources, self.options)
+
+    def translate(self, sentences: Sequence[str], progress: Callable[[int], object] | None = None) -> list[str]:
+        """Translations in input order; `progress(n)` is called after each batch of n sentences."""
+        sources = [self.encode(s) for s in sentences]
+        return [self.sp.decode(ids) for ids in translate_ids(self.model, sources, self.options, progress)]
