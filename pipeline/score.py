@@ -4,10 +4,11 @@
 
 `bleu` (with its sacreBLEU signature) and `chrf` are the numbers to report. Two other BLEUs are computed for
 comparison with published numbers only, and labelled so wherever they appear:
-- `bleu_compound_split`: what the paper's 27.3/28.4 were measured with (tensor2tensor/fairseq
-  `compound_split_bleu.sh`): tokenised text (here sacreBLEU's 13a tokeniser stands in for Moses'
-  tokenizer.perl), hyphens inside compounds split into ` ##AT##-##AT## ` in hypothesis and reference,
-  then BLEU on those tokens. It is higher than sacreBLEU and not comparable with it.
+- `bleu_paper`: the paper's 27.3/28.4 metric, computed as tensor2tensor's `get_ende_bleu.sh` computes it (Moses
+  unicode-punctuation normalisation and tokenizer via sacremoses, ` ##AT##-##AT## ` compound splitting,
+  multi-bleu on the tokens: pipeline/common/paper_bleu.py). The reference is tokenised like the hypotheses, or,
+  with `score.paper_reference`, read already tokenised from that file (as the script read Google's
+  newstest2014.tok.de). Not sacreBLEU and not comparable with it.
 - `bleu_tok_lc`: tokenised (13a), lower-cased BLEU, the convention of published Multi30k results.
 
 `bleu_ci95` is how finely the test set resolves this one system: the half-width of sacreBLEU's 95% bootstrap
@@ -51,16 +52,21 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     params = load_params()
-    ref_path = args.raw / f"{params.decode.split}.{params.data.target_lang}"
+    target = params.data.target_lang
+    ref_path = args.raw / f"{params.decode.split}.{target}"
     hyps, refs = read_pair(args.hyp, ref_path)
+    paper_path = params.score.paper_reference
+    paper_refs = read_pair(args.hyp, Path(paper_path))[1] if paper_path else None
     with stage_run("score", params, ("data", "decode", "score")):
-        result = {"split": params.decode.split, **score(hyps, refs, params.score.tokenize, params.score.bootstrap)}
+        s = params.score
+        result = {"split": params.decode.split, **score(hyps, refs, s.tokenize, s.bootstrap, target, paper_refs)}
         write_text_atomic(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         log_stage_metrics(result)
         mlflow.log_artifact(str(args.out), artifact_path="metrics")
         log_pipeline_result(result, args.out)
     ci = f" ± {result['bleu_ci95']:.2f} (95%, bootstrap)" if "bleu_ci95" in result else ""
     print(f"BLEU {result['bleu']}{ci} ({result['bleu_signature']})  chrF {result['chrf']}")
+    print(f"paper BLEU {result['bleu_paper']} (get_ende_bleu.sh, tokenised and compound-split: not sacreBLEU)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import math
 import pytest
 from sacrebleu.metrics import BLEU
 
-from pipeline.paper_bleu import _split_compounds, bleu_paper, paper_tokenize
+from pipeline.common.paper_bleu import _split_compounds, bleu_paper, paper_tokenize
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,9 @@ import pytest
 from helpers_eval import mlflow_store, write_params, write_raw
 
 from pipeline import score as stage
+from pipeline.common import metrics
 from pipeline.common.files import read_lines
+from pipeline.common.paper_bleu import bleu_paper, paper_tokenize
 
 
 @pytest.fixture
@@ -52,7 +54,7 @@ def test_stage_bleu_and_chrf_equal_the_sacrebleu_command_line(workspace):
     assert 0 < result["bleu_ci95"] < 20 and result["bleu_ci95_signature"] == confidence["signature"]
     assert result["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
     assert result["chrf_signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:")
-    assert "compound splitting" in result["bleu_compound_split_note"]
+    assert "get_ende_bleu.sh" in result["bleu_paper_note"] and "NOT sacreBLEU" in result["bleu_paper_note"]
     assert "lower-cased" in result["bleu_tok_lc_note"]
     assert result["sentences"] == 60 and result["split"] == "test"
 
@@ -63,6 +65,7 @@ def test_stage_bleu_and_chrf_equal_the_sacrebleu_command_line(workspace):
     assert child.data.metrics["bleu"] == parent.data.metrics["bleu"] == result["bleu"]
     assert parent.data.metrics["bleu_ci95"] == result["bleu_ci95"]
     assert parent.data.metrics["chrf"] == result["chrf"]
+    assert parent.data.metrics["bleu_paper"] == result["bleu_paper"]
     assert parent.data.tags["bleu_signature"] == result["bleu_signature"]
     assert parent.info.status == "FINISHED"
 
@@ -74,52 +77,62 @@ def test_mismatched_line_counts_name_both_files(workspace):
     assert not (workspace / "metrics" / "score.json").exists()
 
 
-def test_compound_split_is_the_paper_scripts_rule():
-    # perl -ple 's{(\S)-(\S)}{$1 ##AT##-##AT## $2}g': non-overlapping, so "a-b-c" splits once.
-    assert stage.compound_split("Straßen-Bahn fährt") == "Straßen ##AT##-##AT## Bahn fährt"
-    assert stage.compound_split("a-b-c") == "a ##AT##-##AT## b-c"
-    assert stage.compound_split("1 - 2 -x y-") == "1 - 2 -x y-"
+def test_paper_reference_is_read_tokenised_and_only_compound_split(workspace):
+    """score.paper_reference: the tokenised reference of the paper's script, used for bleu_paper only."""
+    ref = workspace / "data" / "raw" / "test.de"
+    hyps = read_lines(ref)
+    (workspace / "hyp.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    # The reference as Moses would tokenise it, but with every line's final period dropped: bleu_paper must
+    # read this file as it is (no re-tokenisation) and fall below 100, while sacreBLEU stays at 100.
+    tokenised = [paper_tokenize(r, "de").removesuffix(" .") for r in hyps]
+    (workspace / "ref.tok.de").write_text("".join(t + "\n" for t in tokenised), encoding="utf-8")
+    write_params(workspace, mlflow_store(), score={"paper_reference": "ref.tok.de"})
+    stage.main(["--hyp", "hyp.txt", "--raw", "data/raw", "--out", "metrics/score.json"])
+    result = json.loads((workspace / "metrics" / "score.json").read_text())
+    assert result["bleu"] == 100.0 and result["bleu_paper"] < 100.0
+    assert result["bleu_paper"] == bleu_paper(hyps, tokenised, "de", refs_tokenized=True)["bleu_paper"]
 
 
 def test_identical_output_scores_100_and_case_only_matters_to_cased_bleu():
     refs = ["Ein Hund läuft über das Gras.", "Zwei Kinder spielen im Schnee-Park.", "Eine Frau liest."]
-    assert {k: v for k, v in stage.score(refs, refs).items() if not isinstance(v, str)} == {
+    assert {k: v for k, v in metrics.score(refs, refs).items() if not isinstance(v, str)} == {
         "sentences": 3,
         "bleu": 100.0,
         "chrf": 100.0,
-        "bleu_compound_split": 100.0,
+        "bleu_paper": 100.0,
         "bleu_tok_lc": 100.0,
     }
-    upper = stage.score([r.upper() for r in refs], refs)
+    upper = metrics.score([r.upper() for r in refs], refs)
     assert upper["bleu"] < 50 and upper["bleu_tok_lc"] == 100.0
 
 
 def test_a_perfect_system_has_no_uncertainty_and_a_worse_one_does():
     refs = ["Ein Hund läuft über das Gras.", "Zwei Kinder spielen im Schnee-Park.", "Eine Frau liest ein Buch."]
     # Every resample of a perfect output is itself perfect: mean 100, interval 0.
-    perfect = stage.score(refs, refs, bootstrap=200)
+    perfect = metrics.score(refs, refs, bootstrap=200)
     assert (perfect["bleu_bootstrap_mean"], perfect["bleu_ci95"]) == (100.0, 0.0)
     assert "bs:200" in perfect["bleu_ci95_signature"] and "bs:" not in perfect["bleu_signature"]
     # One sentence wrong: resamples with more or fewer copies of it score differently.
-    mixed = stage.score([refs[0], refs[1], "Ein Mann schläft."], refs, bootstrap=200)
+    mixed = metrics.score([refs[0], refs[1], "Ein Mann schläft."], refs, bootstrap=200)
     assert mixed["bleu_ci95"] > 0
-    assert "bleu_ci95" not in stage.score(refs, refs, bootstrap=0)
+    assert "bleu_ci95" not in metrics.score(refs, refs, bootstrap=0)
 
 
-def test_compound_splitting_rewards_partly_right_compounds():
-    # "Schnee-Park" vs "Schnee-Garten": nothing in common as one token, two of three tokens once split.
+def test_bleu_paper_splits_compounds_and_tokenises_as_moses_does():
+    # "Schnee-Park" vs "Schnee-Garten": nothing in common as one 13a token, two of three tokens once split.
     refs, hyps = ["Kinder spielen im Schnee-Park heute ."], ["Kinder spielen im Schnee-Garten heute ."]
-    result = stage.score(hyps, refs)
-    assert result["bleu_compound_split"] > result["bleu"]
+    result = metrics.score(hyps, refs)
+    assert result["bleu_paper"] > result["bleu"]
+    assert result == {**result, **bleu_paper(hyps, refs, "de")}
 
 
 def test_summary_prints_the_scores_and_how_to_open_the_ui(workspace):
     from pipeline.commands.summary import summary
 
-    scores = {"split": "test", **stage.score(["Ein Hund läuft."], ["Ein Hund läuft."], bootstrap=100)}
+    scores = {"split": "test", **metrics.score(["Ein Hund läuft."], ["Ein Hund läuft."], bootstrap=100)}
     text = summary(scores, f"sqlite:///{workspace}/mlflow.db", "nothing-here")
     assert "BLEU  100.00   sacreBLEU nrefs:1|case:mixed|eff:no|tok:13a" in text
     assert "BLEU ± 0.00 at 95%" in text and "--paired-bs" in text
-    assert "chrF  100.00" in text and "compound splitting" in text
+    assert "chrF  100.00" in text and "100.00  the paper's BLEU (get_ende_bleu.sh" in text
     ui = f"mlflow ui --backend-store-uri sqlite:///{workspace}/mlflow.db --host 127.0.0.1 --port 5000 --workers 1"
     assert ui in text and "'Model training' switch" in text

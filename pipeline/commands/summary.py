@@ -60,7 +60,7 @@ def summary(scores: dict, uri: str, experiment: str) -> str:
         f"      ({scores['sentences']} sentences of the {scores['split']} split)",
         *confidence_lines(scores),
         "For comparison with published numbers only (not sacreBLEU; see metrics/score.json):",
-        f"  {scores['bleu_compound_split']:.2f}  tokenised BLEU with compound splitting (the paper's 27.3 base / 28.4 big)",  # noqa: E501
+        f"  {scores['bleu_paper']:.2f}  the paper's BLEU (get_ende_bleu.sh: Moses-tokenised, compound-split; 27.3 base / 28.4 big)",  # noqa: E501
         f"  {scores['bleu_tok_lc']:.2f}  tokenised lower-cased BLEU (the Multi30k convention)",
         "",
         "MLflow: every stage's params, metrics and artifacts, one parent run per pipeline execution.",

@@ -1,14 +1,15 @@
 """The scores of a system's output, one definition for every stage and tool that scores: sacreBLEU BLEU and chrF
-with their signatures, sacreBLEU's bootstrap interval, and the labelled comparison BLEUs (see pipeline/score.py).
+with their signatures, sacreBLEU's bootstrap interval, and the labelled comparison BLEUs (the paper's
+`bleu_paper`, pipeline/common/paper_bleu.py; `bleu_tok_lc`). See pipeline/score.py.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from sacrebleu.metrics import BLEU, CHRF
-from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+from pipeline.common.paper_bleu import bleu_paper
 
 
 def sacrebleu_scores(hyps: Sequence[str], refs: Sequence[str], tokenize: str = "13a") -> dict:
@@ -20,14 +21,6 @@ def sacrebleu_scores(hyps: Sequence[str], refs: Sequence[str], tokenize: str = "
         "chrf": round(chrf.corpus_score(hyps, [refs]).score, 2),
         "chrf_signature": str(chrf.get_signature()),
     }
-
-
-# compound_split_bleu.sh: perl -ple 's{(\S)-(\S)}{$1 ##AT##-##AT## $2}g' (same non-overlapping matches).
-_COMPOUND = re.compile(r"(\S)-(\S)")
-
-
-def compound_split(line: str) -> str:
-    return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", line)
 
 
 def bleu_confidence(hyps: Sequence[str], refs: Sequence[str], tokenize: str, resamples: int) -> dict:
@@ -43,21 +36,23 @@ def bleu_confidence(hyps: Sequence[str], refs: Sequence[str], tokenize: str, res
     }
 
 
-def score(hyps: Sequence[str], refs: Sequence[str], tokenize: str = "13a", bootstrap: int = 0) -> dict:
-    """All the scores, each BLEU with the sacreBLEU signature that says how it was computed; with `bootstrap`
-    resamples (> 1), also BLEU's 95% confidence interval."""
+def score(
+    hyps: Sequence[str],
+    refs: Sequence[str],
+    tokenize: str = "13a",
+    bootstrap: int = 0,
+    lang: str = "de",
+    paper_refs: Sequence[str] | None = None,
+) -> dict:
+    """All the scores, each BLEU with the signature that says how it was computed; with `bootstrap` resamples
+    (> 1), also BLEU's 95% confidence interval. `bleu_paper` is the paper's metric in target language `lang`,
+    against `paper_refs` (already tokenised, as the paper's script read newstest2014.tok.de) when given, else
+    against `refs` tokenised like the hypotheses."""
     result = {"sentences": len(hyps), **sacrebleu_scores(hyps, refs, tokenize)}
     if bootstrap > 1:
         result.update(bleu_confidence(hyps, refs, tokenize, bootstrap))
-    tok = Tokenizer13a()
-    split_hyps = [compound_split(tok(h)) for h in hyps]
-    split_refs = [compound_split(tok(r)) for r in refs]
-    compound = BLEU(tokenize="none", force=True)
-    result["bleu_compound_split"] = round(compound.corpus_score(split_hyps, [split_refs]).score, 2)
-    result["bleu_compound_split_note"] = (
-        "tokenised BLEU with compound splitting (paper's compound_split_bleu.sh; 13a tokeniser for Moses); "
-        f"not sacreBLEU: {compound.get_signature()}"
-    )
+    tokenized = paper_refs is not None
+    result.update(bleu_paper(hyps, paper_refs if tokenized else refs, lang, refs_tokenized=tokenized))
     lowercased = BLEU(tokenize="13a", lowercase=True)
     result["bleu_tok_lc"] = round(lowercased.corpus_score(hyps, [refs]).score, 2)
     result["bleu_tok_lc_note"] = f"tokenised lower-cased BLEU (Multi30k convention): {lowercased.get_signature()}"

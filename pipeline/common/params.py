@@ -201,13 +201,17 @@ class CurveParams(Section):
 
 
 class ScoreParams(Section):
-    """`score`: sacreBLEU (with signature) and chrF; also the paper's tokenised, compound-split BLEU.
+    """`score`: sacreBLEU (with signature) and chrF; also the paper's tokenised, compound-split BLEU (`bleu_paper`).
 
     `bootstrap`: resamples of the test sentences for sacreBLEU's 95% confidence interval of BLEU (`sacrebleu
-    --confidence`; 1,000 take ~0.5 s on 1,000 sentences); 0 or 1 computes none."""
+    --confidence`; 1,000 take ~0.5 s on 1,000 sentences); 0 or 1 computes none.
+    `paper_reference`: a file of already tokenised references, line-aligned with the decoded split (Google's
+    hand-tweaked newstest2014.tok.de, as the paper's get_ende_bleu.sh read it), for `bleu_paper` only; null:
+    the raw references, tokenised like the hypotheses. DVC tracks this key, not the file's contents."""
 
     tokenize: str = "13a"
     bootstrap: NonNegInt = 1000
+    paper_reference: str | None = None
 
 
 class MlflowParams(Section):

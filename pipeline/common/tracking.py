@@ -324,9 +324,9 @@ def log_pipeline_result(result: Mapping, score_file: Path) -> None:
         raise RuntimeError("log_pipeline_result must be called inside stage_run")
     client = MlflowClient()
     now = int(time.time() * 1000)
-    keys = ("bleu", "bleu_ci95", "chrf", "bleu_compound_split", "bleu_tok_lc")
+    keys = ("bleu", "bleu_ci95", "chrf", "bleu_paper", "bleu_tok_lc")
     client.log_batch(parent, metrics=[Metric(k, float(result[k]), now, 0) for k in keys if k in result])
-    for key in ("bleu_signature", "chrf_signature"):
+    for key in ("bleu_signature", "chrf_signature", "bleu_paper_note"):
         if key in result:
             client.set_tag(parent, key, str(result[key]))
     client.log_artifact(parent, str(score_file), artifact_path="metrics")
