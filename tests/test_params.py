@@ -135,3 +135,24 @@ def test_accelerator_type_reaches_ray_scaling_config():
     no_gpu = mock.patch("ray.cluster_resources", return_value={"CPU": 2.0})
     with no_gpu, pytest.raises(RuntimeError, match="train.use_gpu"):
         scaling(parse_params({"train": {"use_gpu": True}}).train)
+
+
+@pytest.mark.parametrize("preset", ["smoke", "multi30k"])
+def test_cpu_presets_give_the_same_model_on_any_host(tmp_path, preset):
+    """Nothing that shapes the weights follows the wall clock: the budget is updates, checkpoints (hence what
+    `average` averages) come every N updates, the cool-down follows max_updates. Snapshots for the BLEU-over-time
+    curve may follow the clock: they are points of a curve, not the model."""
+    params = load_params(compose(tmp_path, f"preset={preset}"))
+    train, average = params.train, params.average
+    assert train.max_minutes is None and train.checkpoint_every_minutes is None
+    assert train.checkpoint_every_updates and train.max_updates % train.checkpoint_every_updates == 0
+    assert average.last_minutes is None and average.last_share is None and average.last <= train.keep_checkpoints
+
+
+def test_multi30k_budget_cooldown_and_average_follow_the_updates(tmp_path):
+    train = load_params(compose(tmp_path, "preset=multi30k")).train
+    average = load_params(compose(tmp_path, "preset=multi30k")).average
+    assert (train.max_updates, train.cooldown, train.checkpoint_every_updates) == (6400, 0.3, 200)
+    # The averaged checkpoints (updates 5,200 ... 6,400) lie in the cool-down (from update 4,480).
+    first_averaged = train.max_updates - (average.last - 1) * train.checkpoint_every_updates
+    assert first_averaged == 5200 and first_averaged > train.max_updates * (1 - train.cooldown)
