@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     source = args.raw / f"{params.decode.split}.{params.data.source_lang}"
     sentences = read_lines(source)
     with stage_run("decode", params, ("data", "decode")):
-        translator = Translator.from_file(args.model, search_options(params.decode), device=params.decode.device)
+        models = params.decode.models or [str(args.model)]
+        translator = Translator.from_file(models, search_options(params.decode), device=params.decode.device)
+        if len(models) > 1:
+            log.info("an ensemble of %d models: %s", len(models), ", ".join(models))
         log.info(
             "decoding %d lines of %s on %s (torch threads: %d)",
             len(sentences),
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             translator.device,
             torch.get_num_threads(),
         )
-        metrics = decode_sentences(translator, sentences, args.out)
+        metrics = decode_sentences(translator, sentences, args.out) | {"models": len(models)}
         write_text_atomic(args.metrics, json.dumps(metrics, indent=2) + "\n")
         log_stage_metrics(metrics)
         mlflow.log_artifact(str(args.out), artifact_path="outputs")

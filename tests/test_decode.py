@@ -115,3 +115,15 @@ def test_decode_device_param_is_checked_and_reaches_the_translator(workspace, mo
         with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
             stage.main(["--model", "models/average.pt", "--raw", "data/raw", "--out", "outputs/hyp.txt"])
         assert not (workspace / "outputs" / "hyp.txt").exists()
+
+
+def test_decode_models_make_an_ensemble_and_two_copies_translate_as_one(workspace):
+    """decode.models: the files translated with, their probabilities averaged; two copies of the averaged model
+    give its own translations (log((p + p) / 2) = log p, up to rounding that moves no argmax here)."""
+    stage.main(["--model", "models/average.pt", "--raw", "data/raw", "--out", "outputs/alone.txt"])
+    shutil.copy(workspace / "models" / "average.pt", workspace / "models" / "copy.pt")
+    write_params(workspace, mlflow_store(), decode={"models": ["models/average.pt", "models/copy.pt"]})
+    stage.main(["--model", "models/average.pt", "--raw", "data/raw", "--out", "outputs/ensemble.txt"])
+    assert json.loads((workspace / "metrics" / "decode.json").read_text())["models"] == 2
+    alone = (workspace / "outputs" / "alone.txt").read_text(encoding="utf-8")
+    assert (workspace / "outputs" / "ensemble.txt").read_text(encoding="utf-8") == alone

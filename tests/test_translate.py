@@ -36,6 +36,9 @@ def test_file_and_stdin_give_the_library_translations(model_file, tmp_path):
     args = ("--model", model_file, "--beam", "2", "--max-len-b", "6", "--batch-tokens", "20")
     assert cli(*args, "--input", source) == "".join(t + "\n" for t in expected)
     assert cli(*args, stdin="\n".join(SENTENCES) + "\n") == "".join(t + "\n" for t in expected)
+    # Several --model files make an ensemble; two copies of one model translate as that model.
+    ensemble = ("--model", model_file, model_file, *args[2:])
+    assert cli(*ensemble, "--input", source) == "".join(t + "\n" for t in expected)
 
 
 def test_bad_arguments_are_refused(model_file):

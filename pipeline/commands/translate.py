@@ -2,6 +2,7 @@
 
     python -m pipeline.commands.translate --model models/average.pt < input.en > output.de
     translate --model models/average.pt --input input.en --beam 4 --alpha 0.6 --batch-tokens 8000
+    translate --model a.pt b.pt < input.en        # an ensemble: the members' probabilities averaged each step
 
 A command, not a stage: the text and the command line only. Sentences go through `pipeline.common.translator`
 (sentencepiece) and the library's one inference path (`transformer.inference`), as in the decode stage.
@@ -41,7 +42,13 @@ def write_lines(lines: Iterable[str], out: TextIO) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     defaults = SearchOptions()
     p = argparse.ArgumentParser(prog="translate", description="Translate sentences (one per line) with a model file.")
-    p.add_argument("--model", required=True, type=Path, help="standalone model file, e.g. models/average.pt")
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="standalone model file, e.g. models/average.pt; several: an ensemble (probabilities averaged)",
+    )
     p.add_argument("--input", type=Path, default=None, help="file of sentences (default: stdin)")
     p.add_argument("--beam", type=int, default=defaults.beam)
     p.add_argument("--alpha", type=float, default=defaults.alpha, help="length penalty α (§6.1)")
@@ -59,6 +66,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="translate one sentence and draw its decoder-encoder attention (every layer and head)",
     )
     args = p.parse_args(argv)
+    if args.show_attention is not None and len(args.model) > 1:
+        p.error("--show-attention draws one model's attention: give one --model")
     for name in ("beam", "batch_tokens", "max_len_b"):
         if getattr(args, name) < (0 if name == "max_len_b" else 1):
             p.error(f"--{name.replace('_', '-')} must be positive")

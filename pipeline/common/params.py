@@ -190,6 +190,17 @@ class DecodeParams(Section):
     max_tokens: PositiveInt = 8000  # source tokens per batch
     # Where decode and curve run: auto = cuda when torch sees a GPU, else cpu (bf16 autocast on cuda only).
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Not in the paper, opt-in: an ensemble (fairseq's `--path a.pt:b.pt`): the decode stage translates with these
+    # model files, their probabilities averaged at every step; null: the averaged model alone. They must share the
+    # sentencepiece model. DVC tracks this list, not the files' contents: keep them where they do not change
+    # (e.g. `dvc get . models/average.pt --rev EXP -o ens/EXP.pt`).
+    models: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _models_listed(self) -> DecodeParams:
+        if self.models is not None and not self.models:
+            raise ValueError("models: list at least one model file, or null for the averaged model")
+        return self
 
 
 class CurveParams(Section):

@@ -18,6 +18,7 @@ import torch
 from pipeline.common.params import DecodeParams
 from transformer.batching import source_tokens
 from transformer.checkpoint import load_model
+from transformer.ensemble import Ensemble
 from transformer.inference import SearchOptions, search_batch, translate_ids
 from transformer.model import Transformer
 
@@ -61,10 +62,29 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
-class Translator:
-    """A model and its sentencepiece model, translating lists of sentences in batches."""
+def load_members(
+    paths: Sequence[str | Path], device: torch.device, spm_path: Path | None
+) -> tuple[Transformer | Ensemble, spm.SentencePieceProcessor]:
+    """One model file, or several as an ensemble; the members must share the sentencepiece model (the one
+    embedded in each file, compared by content) and the vocabulary."""
+    models, sps, names = [], [], [str(p) for p in paths]
+    for path in paths:
+        model, extra = load_model(path, map_location=device)
+        models.append(model)
+        sps.append(sentencepiece_from(extra, Path(path), spm_path))
+    for name, sp in zip(names[1:], sps[1:], strict=True):
+        if sp.serialized_model_proto() != sps[0].serialized_model_proto():
+            raise ValueError(
+                f"{name} was trained with another sentencepiece model than {names[0]}: "
+                "ensemble members must share one vocabulary"
+            )
+    return (models[0] if len(models) == 1 else Ensemble(models, names)), sps[0]
 
-    def __init__(self, model: Transformer, sp: spm.SentencePieceProcessor, options: SearchOptions):
+
+class Translator:
+    """A model (or an ensemble) and its sentencepiece model, translating lists of sentences in batches."""
+
+    def __init__(self, model: Transformer | Ensemble, sp: spm.SentencePieceProcessor, options: SearchOptions):
         self.model, self.sp, self.options = model, sp, options
         self.device = next(model.parameters()).device
         if sp.get_piece_size() != model.cfg.vocab_size:
@@ -75,14 +95,14 @@ class Translator:
     @classmethod
     def from_file(
         cls,
-        path: str | Path,
+        path: str | Path | Sequence[str | Path],
         options: SearchOptions | None = None,
         device: str | torch.device | None = None,
         spm_path: str | Path | None = None,
     ) -> Translator:
-        device = resolve_device(device)
-        model, extra = load_model(path, map_location=device)
-        sp = sentencepiece_from(extra, Path(path), Path(spm_path) if spm_path else None)
+        """A model file, or a list of them: an ensemble (their probabilities averaged at every step)."""
+        paths = [path] if isinstance(path, str | Path) else list(path)
+        model, sp = load_members(paths, resolve_device(device), Path(spm_path) if spm_path else None)
         return cls(model, sp, options or SearchOptions())
 
     def encode(self, sentence: str) -> list[int]:
