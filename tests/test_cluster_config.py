@@ -1,5 +1,5 @@
 """cluster.yaml: Ray's own offline validation (what `ray up` runs first), the autoscaler's choice of node
-types, and the security and install promises of the README's cluster section. Nothing here talks to AWS."""
+types, and the security and install promises of the cluster walkthrough (docs/cluster.md). Nothing here talks to AWS."""
 
 import copy
 import functools
@@ -12,7 +12,7 @@ import yaml
 from conftest import REPO
 
 CLUSTER_YAML = REPO / "cluster.yaml"
-DOCS = REPO / "README.md"
+DOCS = REPO / "docs" / "cluster.md"
 
 
 def _load_checker():
