@@ -4,8 +4,9 @@
 
 Ray's part is what `ray up` runs before it touches the cloud (`prepare_config` fills defaults from the
 provider's defaults.yaml, `validate_config` checks `ray-schema.json` and the node-type totals). Ray does not
-check a node type's min_workers against its max_workers (the autoscaler silently clamps), nor anything about
-security, so those are checked here. Exit status 0: usable; 1: problems, one per line, each naming the key.
+check a node type's min_workers against its max_workers (the autoscaler silently clamps), nor that the head is
+on-demand, nor anything about security, so those are checked here. Exit status 0: usable; 1: problems, one per
+line, each naming the key.
 """
 
 from __future__ import annotations
@@ -130,6 +131,15 @@ def check_workers(prepared: dict) -> list[str]:
     return problems
 
 
+def check_markets(prepared: dict) -> list[str]:
+    """The head stays on-demand: a reclaimed head takes the Ray Train driver, DVC's run and MLflow with it."""
+    head = prepared["head_node_type"]
+    market = prepared["available_node_types"][head]["node_config"].get("InstanceMarketOptions", {})
+    if market.get("MarketType") == "spot":
+        return [f"available_node_types.{head}: the head must be on-demand (it holds the driver, DVC and MLflow)"]
+    return []
+
+
 def check_security(text: str, config: dict) -> list[str]:
     problems = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -182,7 +192,8 @@ def check(path: Path | str, allow_placeholders: bool = False) -> dict:
     """Everything above; raises ClusterConfigError listing every problem. Returns Ray's prepared config."""
     text, config = load_config(path)
     prepared = ray_validate(config)
-    problems = check_workers(prepared) + check_security(text, config) + check_install(prepared)
+    problems = check_workers(prepared) + check_markets(prepared) + check_security(text, config)
+    problems += check_install(prepared)
     problems += check_files(prepared)
     if not allow_placeholders and PLACEHOLDER in text:
         problems.append(f"{path}: replace {PLACEHOLDER} with your bucket: sed -i 's/{PLACEHOLDER}/my-bucket/g' {path}")

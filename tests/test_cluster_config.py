@@ -1,8 +1,8 @@
 """cluster.yaml: Ray's own offline validation (what `ray up` runs first), the autoscaler's choice of node
 types, and the security and install promises of the cluster walkthrough (docs/cluster.md). Nothing here talks to AWS."""
 
+import collections
 import copy
-import functools
 import importlib.util
 import re
 import subprocess
@@ -33,7 +33,8 @@ def shipped():
 
 def test_shipped_config_passes_ray_validation_and_project_checks(shipped):
     _, config, prepared = shipped
-    assert set(prepared["available_node_types"]) == {"head", "gpu8-a100", "gpu8-h100", "gpu1-a10g"}
+    on_demand = {"gpu8-a100", "gpu8-h100", "gpu1-a10g"}
+    assert set(prepared["available_node_types"]) == {"head"} | on_demand | {f"{t}-spot" for t in on_demand}
     assert prepared["head_node_type"] == "head"
     assert prepared["available_node_types"]["head"]["max_workers"] == 0  # Ray's default for the head
     assert prepared["provider"]["type"] == "aws"
@@ -93,20 +94,30 @@ def test_node_types_fit_the_global_limit_and_carry_profiles_and_accelerator_tags
 
 
 def _autoscale(prepared, demand):
-    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
-    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
+    """Nodes the autoscaler launches for a Ray Train worker group (a placement group: one gang of bundles).
 
-    scorer = functools.partial(_default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary({}))
-    to_add, unfulfilled = get_nodes_for(
-        prepared["available_node_types"],
-        {},
-        prepared["head_node_type"],
-        prepared["max_workers"],
-        demand,
-        scorer,
+    `ray up` in Ray 2.60 runs autoscaler v2 (RAY_UP_enable_autoscaler_v2 defaults to 1), whose scheduler honours
+    a node type's `priority`; v1's `get_nodes_for` ignores it and breaks ties by name."""
+    from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
+    from ray.autoscaler.v2.scheduler import ResourceDemandScheduler, SchedulingRequest
+    from ray.autoscaler.v2.utils import ResourceRequestUtil
+    from ray.core.generated.autoscaler_pb2 import GangResourceRequest
+
+    node_types = AutoscalingConfig(copy.deepcopy(prepared), skip_content_hash=True).get_node_type_configs()
+    gang = GangResourceRequest(requests=[ResourceRequestUtil.make(bundle) for bundle in demand])
+    reply = ResourceDemandScheduler().schedule(
+        SchedulingRequest(
+            disable_launch_config_check=True,
+            node_type_configs=node_types,
+            max_num_nodes=prepared["max_workers"],  # no head in current_instances, so workers only
+            gang_resource_requests=[gang],
+        )
     )
-    assert unfulfilled == []
-    return dict(to_add)
+    assert list(reply.infeasible_gang_resource_requests) == []
+    launched = collections.Counter()
+    for launch in reply.to_launch:
+        launched[launch.instance_type] += launch.count  # v2 names the node type `instance_type`
+    return dict(launched)
 
 
 @pytest.mark.parametrize(
@@ -124,6 +135,73 @@ def test_autoscaler_launches_the_node_types_the_docs_promise(shipped, workers, p
     _, _, prepared = shipped
     bundle = {"CPU": 1, "GPU": 1} | ({f"accelerator_type:{pin}": 0.001} if pin else {})
     assert _autoscale(prepared, [bundle] * workers) == expected
+
+
+ON_DEMAND = ("gpu8-a100", "gpu8-h100", "gpu1-a10g")
+
+
+def _is_spot(node_type: dict) -> bool:
+    return node_type["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+
+
+def test_every_gpu_type_has_a_spot_twin_and_the_head_is_on_demand(shipped):
+    _, _, prepared = shipped
+    types = prepared["available_node_types"]
+    assert not _is_spot(types["head"])  # the head holds the Ray Train driver, DVC and the MLflow server
+    for name in ON_DEMAND:
+        on_demand, spot = types[name], types[f"{name}-spot"]
+        assert not _is_spot(on_demand) and _is_spot(spot)
+        assert spot["resources"] == on_demand["resources"]  # same GPUs, CPUs and accelerator_type tag
+        twin_config = {k: v for k, v in spot["node_config"].items() if k != "InstanceMarketOptions"}
+        assert twin_config == on_demand["node_config"]  # same instance type, image, profile and disk
+        assert spot["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}  # no MaxPrice, no options
+        assert spot["min_workers"] == 0 and spot["max_workers"] == on_demand["max_workers"]
+        assert spot.get("priority", 0) < on_demand.get("priority", 0)  # on-demand first, as shipped
+    assert cc.check_markets(prepared) == []
+
+
+def test_a_spot_head_is_refused(shipped):
+    _, config, _ = shipped
+    spot_head = _broken(config, lambda c: c["available_node_types"]["head"]["node_config"].update(
+        InstanceMarketOptions={"MarketType": "spot"}))  # fmt: skip
+    assert cc.check_markets(cc.ray_validate(spot_head)) == [
+        "available_node_types.head: the head must be on-demand (it holds the driver, DVC and MLflow)"
+    ]
+
+
+def _with_priority(config, priority):
+    def edit(c):
+        for name in ON_DEMAND:
+            c["available_node_types"][f"{name}-spot"]["priority"] = priority
+
+    return _broken(config, edit)
+
+
+def _without(config, names):
+    return _broken(config, lambda c: [c["available_node_types"][n].update(max_workers=0) for n in names])
+
+
+@pytest.mark.parametrize(
+    ("variant", "workers", "expected"),
+    [
+        ("shipped", 8, {"gpu8-a100": 1}),
+        ("shipped", 72, {"gpu8-a100": 8, "gpu8-a100-spot": 1}),  # spot only past on-demand's max_workers
+        ("spot first", 8, {"gpu8-a100-spot": 1}),  # priority 1 on the spot twins, as cluster.yaml says
+        ("spot first", 72, {"gpu8-a100-spot": 8, "gpu8-a100": 1}),
+        ("spot only", 8, {"gpu8-a100-spot": 1}),  # max_workers 0 on the on-demand twins
+        ("spot only", 1, {"gpu1-a10g-spot": 1}),
+        ("on-demand only", 72, {"gpu8-a100": 8, "gpu8-h100": 1}),
+    ],
+)
+def test_the_market_is_chosen_by_priority_or_max_workers(shipped, variant, workers, expected):
+    _, config, _ = shipped
+    config = {
+        "shipped": config,
+        "spot first": _with_priority(config, 1),
+        "spot only": _without(config, ON_DEMAND),
+        "on-demand only": _without(config, [f"{n}-spot" for n in ON_DEMAND]),
+    }[variant]
+    assert _autoscale(cc.ray_validate(config), [{"CPU": 1, "GPU": 1}] * workers) == expected
 
 
 def test_no_credentials_in_the_file_and_injected_ones_are_caught(shipped):
