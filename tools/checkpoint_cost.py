@@ -34,7 +34,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from pipeline.train_worker import CHECKPOINT_FILE, RayHooks
+from pipeline.common.train_worker import CHECKPOINT_FILE, RayHooks
 from transformer.batching import PackedCorpus
 from transformer.model import make_config
 from transformer.training import Hooks, Trainer, TrainingConfig
