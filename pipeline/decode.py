@@ -18,6 +18,7 @@ import mlflow
 import torch
 from tqdm import tqdm
 
+from pipeline.common.engines import make_translator
 from pipeline.common.files import read_lines, write_text_atomic
 from pipeline.common.params import load_params
 from pipeline.common.tracking import log_stage_metrics, stage_run
@@ -53,8 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     source = args.raw / f"{params.decode.split}.{params.data.source_lang}"
     sentences = read_lines(source)
     with stage_run("decode", params, ("data", "decode")):
-        models = params.decode.models or [str(args.model)]
-        translator = Translator.from_file(models, search_options(params.decode), device=params.decode.device)
+        dp = params.decode
+        models = dp.models or [str(args.model)]
+        translator = make_translator(models, search_options(dp), dp.device, dp.engine, dp.compute_type)
         if len(models) > 1:
             log.info("an ensemble of %d models: %s", len(models), ", ".join(models))
         log.info(

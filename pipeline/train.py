@@ -100,7 +100,10 @@ def init_ray(train: TrainParams) -> None:
     os.environ.update(WORKER_ENV)  # a local Ray's processes inherit the driver's environment
     workers = 1 if train.workers == "auto" else train.workers
     gpus = torch.cuda.device_count()
-    ray.init(num_cpus=workers * train.cpus_per_worker, num_gpus=gpus, include_dashboard=False)
+    # address="local": a Ray of its own even when another one runs on this machine (another experiment, `ray
+    # start`): without it ray.init joins that one and refuses num_cpus/num_gpus ("When connecting to an existing
+    # cluster, num_cpus and num_gpus must not be provided"). RAY_ADDRESS is the way to join a cluster.
+    ray.init(address="local", num_cpus=workers * train.cpus_per_worker, num_gpus=gpus, include_dashboard=False)
 
 
 def scaling(train: TrainParams) -> ray.train.ScalingConfig:

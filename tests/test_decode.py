@@ -127,3 +127,37 @@ def test_decode_models_make_an_ensemble_and_two_copies_translate_as_one(workspac
     assert json.loads((workspace / "metrics" / "decode.json").read_text())["models"] == 2
     alone = (workspace / "outputs" / "alone.txt").read_text(encoding="utf-8")
     assert (workspace / "outputs" / "ensemble.txt").read_text(encoding="utf-8") == alone
+
+
+def test_the_ctranslate2_engine_decodes_as_the_torch_engine_and_caches_its_conversion(workspace):
+    """decode.engine: ctranslate2 converts the averaged model once (a cached step beside it) and, with beam 1 (no
+    stop-rule difference: tests/test_ct2.py compares wider beams), writes the torch engine's hypotheses."""
+    write_params(workspace, mlflow_store(), decode={"beam": 1})
+    stage.main(["--model", "models/average.pt", "--raw", "data/raw", "--out", "outputs/torch.txt"])
+    write_params(workspace, mlflow_store(), decode={"beam": 1, "engine": "ctranslate2"})
+    stage.main(["--model", "models/average.pt", "--raw", "data/raw", "--out", "outputs/ct2.txt"])
+    ct2 = (workspace / "outputs" / "ct2.txt").read_text(encoding="utf-8")
+    assert ct2 == (workspace / "outputs" / "torch.txt").read_text(encoding="utf-8")
+    assert json.loads((workspace / "metrics" / "decode.json").read_text())["device"].startswith("ctranslate2:cpu")
+    [converted] = (workspace / "models" / "ct2").iterdir()
+    made = (converted / "model.bin").stat().st_mtime_ns
+    stage.main(["--model", "models/average.pt", "--raw", "data/raw", "--out", "outputs/ct2.txt"])
+    assert [p.name for p in (workspace / "models" / "ct2").iterdir()] == [converted.name]
+    assert (converted / "model.bin").stat().st_mtime_ns == made  # reused, not converted again
+
+
+def test_engine_params_are_checked_with_their_key(workspace):
+    write_params(workspace, mlflow_store(), decode={"engine": "ctranslate2", "compute_type": "float16"})
+    with pytest.raises(ValueError, match=r"decode\.compute_type.*float16.*"):
+        stage.main(["--model", "models/average.pt", "--raw", "data/raw", "--out", "outputs/hyp.txt"])
+    write_params(workspace, mlflow_store(), decode={"compute_type": "int8"})
+    with pytest.raises(
+        ValueError, match=r"decode\.compute_type 'int8' is CTranslate2's: it needs decode\.engine ctranslate2"
+    ):
+        stage.main(["--model", "models/average.pt", "--raw", "data/raw", "--out", "outputs/hyp.txt"])
+    shutil.copy(workspace / "models" / "average.pt", workspace / "models" / "copy.pt")
+    models = ["models/average.pt", "models/copy.pt"]
+    write_params(workspace, mlflow_store(), decode={"engine": "ctranslate2", "models": models})
+    with pytest.raises(ValueError, match=r"ensembles need engine torch"):
+        stage.main(["--model", "models/average.pt", "--raw", "data/raw", "--out", "outputs/hyp.txt"])
+    assert not (workspace / "outputs" / "hyp.txt").exists()

@@ -45,19 +45,32 @@ def search_batch(model: Transformer, sources: Sequence[Sequence[int]], options: 
     return [list(hyps[0].tokens) for hyps in nbest]
 
 
+def translate_in_batches(
+    search: Callable[[list[Sequence[int]]], list[list[int]]],
+    sources: Sequence[Sequence[int]],
+    max_tokens: int,
+    progress: Callable[[int], object] | None = None,
+) -> list[list[int]]:
+    """`search` (a batch of sources -> their best hypotheses) over batches of at most `max_tokens` padded source
+    tokens, results in input order; `progress(n)` is called after each batch of n sentences. Any engine's search
+    (this library's, or another's such as CTranslate2) gets the same batches."""
+    out: list[list[int]] = [[] for _ in sources]
+    for batch in translation_batches([len(s) for s in sources], max_tokens):
+        rows = batch.tolist()
+        for i, tokens in zip(rows, search([sources[i] for i in rows]), strict=True):
+            out[i] = tokens
+        if progress is not None:
+            progress(len(rows))
+    return out
+
+
 def translate_ids(
     model: Transformer,
     sources: Sequence[Sequence[int]],
     options: SearchOptions,
     progress: Callable[[int], object] | None = None,
 ) -> list[list[int]]:
-    """Best hypothesis for each source, in input order, searched in batches of at most `options.max_tokens`
-    padded source tokens; `progress(n)` is called after each batch of n sentences."""
-    out: list[list[int]] = [[] for _ in sources]
-    for batch in translation_batches([len(s) for s in sources], options.max_tokens):
-        rows = batch.tolist()
-        for i, tokens in zip(rows, search_batch(model, [sources[i] for i in rows], options), strict=True):
-            out[i] = tokens
-        if progress is not None:
-            progress(len(rows))
-    return out
+    """Best hypothesis for each source, in input order, by this library's beam search."""
+    return translate_in_batches(
+        lambda batch: search_batch(model, batch, options), sources, options.max_tokens, progress
+    )

@@ -3,6 +3,7 @@
     python -m pipeline.commands.translate --model models/average.pt < input.en > output.de
     translate --model models/average.pt --input input.en --beam 4 --alpha 0.6 --batch-tokens 8000
     translate --model a.pt b.pt < input.en        # an ensemble: the members' probabilities averaged each step
+    translate --model models/average.pt --engine ctranslate2 --compute-type int8 < input.en
 
 A command, not a stage: the text and the command line only. Sentences go through `pipeline.common.translator`
 (sentencepiece) and the library's one inference path (`transformer.inference`), as in the decode stage.
@@ -16,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from pipeline.common.engines import ENGINES, make_translator
 from pipeline.common.files import atomic_path, read_lines
 from pipeline.common.inspection import Sample, cross_attention_figure, inspect_model
 from pipeline.common.translator import Translator
@@ -57,7 +59,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=int, default=defaults.max_tokens, help="padded source tokens per batch")
     p.add_argument("--buffer-size", type=int, default=None, help="lines read before translating (tty: 1)")
     p.add_argument("--spm", type=Path, default=None, help="sentencepiece model, if the model file has none")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ... (default auto: cuda when available)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto: cuda when available)")
+    p.add_argument("--engine", choices=ENGINES, default="torch", help="torch (default) or ctranslate2")
+    p.add_argument(
+        "--compute-type", default="default", help="CTranslate2's: default (float32), int8, int8_float32, int16, ..."
+    )
     p.add_argument(
         "--show-attention",
         type=Path,
@@ -66,8 +72,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="translate one sentence and draw its decoder-encoder attention (every layer and head)",
     )
     args = p.parse_args(argv)
-    if args.show_attention is not None and len(args.model) > 1:
-        p.error("--show-attention draws one model's attention: give one --model")
+    if args.show_attention is not None and (len(args.model) > 1 or args.engine != "torch"):
+        p.error("--show-attention draws one model's attention with the torch engine: give one --model")
     for name in ("beam", "batch_tokens", "max_len_b"):
         if getattr(args, name) < (0 if name == "max_len_b" else 1):
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -97,7 +103,7 @@ def show_attention(translator: Translator, args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     options = SearchOptions(args.beam, args.alpha, args.max_len_a, args.max_len_b, args.batch_tokens)
-    translator = Translator.from_file(args.model, options, device=args.device, spm_path=args.spm)
+    translator = make_translator(args.model, options, args.device, args.engine, args.compute_type, args.spm)
     if args.show_attention is not None:
         show_attention(translator, args)
         return

@@ -190,6 +190,14 @@ class DecodeParams(Section):
     max_tokens: PositiveInt = 8000  # source tokens per batch
     # Where decode and curve run: auto = cuda when torch sees a GPU, else cpu (bf16 autocast on cuda only).
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Which engine searches: this library's beam search, or CTranslate2 (pipeline/common/engines.py), the model
+    # converted once and cached beside it. compute_type: CTranslate2's (default = the converted float32 weights;
+    # int8, int8_float32, int16, float16, bfloat16, ... where the device supports them; auto = its fastest).
+    engine: Literal["torch", "ctranslate2"] = "torch"
+    compute_type: Literal[
+        "default", "auto", "float32", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
+        "bfloat16",
+    ] = "default"  # fmt: skip
     # Not in the paper, opt-in: an ensemble (fairseq's `--path a.pt:b.pt`): the decode stage translates with these
     # model files, their probabilities averaged at every step; null: the averaged model alone. They must share the
     # sentencepiece model. DVC tracks this list, not the files' contents: keep them where they do not change

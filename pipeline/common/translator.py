@@ -19,7 +19,7 @@ from pipeline.common.params import DecodeParams
 from transformer.batching import source_tokens
 from transformer.checkpoint import load_model
 from transformer.ensemble import Ensemble
-from transformer.inference import SearchOptions, search_batch, translate_ids
+from transformer.inference import SearchOptions, search_batch, translate_in_batches
 from transformer.model import Transformer
 
 
@@ -84,8 +84,16 @@ def load_members(
 class Translator:
     """A model (or an ensemble) and its sentencepiece model, translating lists of sentences in batches."""
 
-    def __init__(self, model: Transformer | Ensemble, sp: spm.SentencePieceProcessor, options: SearchOptions):
-        self.model, self.sp, self.options = model, sp, options
+    def __init__(
+        self,
+        model: Transformer | Ensemble,
+        sp: spm.SentencePieceProcessor,
+        options: SearchOptions,
+        search: Callable[[Sequence[Sequence[int]]], list[list[int]]] | None = None,
+    ):
+        """`search`: another engine's search of one batch of source ids (pipeline/common/engines.py); default
+        this library's beam search over `model`."""
+        self.model, self.sp, self.options, self.engine_search = model, sp, options, search
         self.device = next(model.parameters()).device
         if sp.get_piece_size() != model.cfg.vocab_size:
             raise ValueError(
@@ -110,9 +118,12 @@ class Translator:
 
     def search(self, sources: Sequence[Sequence[int]]) -> list[list[int]]:
         """Best hypothesis (token ids, no bos/eos) for each source, same order, as one batch."""
+        if self.engine_search is not None:
+            return self.engine_search(sources)
         return search_batch(self.model, sources, self.options)
 
     def translate(self, sentences: Sequence[str], progress: Callable[[int], object] | None = None) -> list[str]:
         """Translations in input order; `progress(n)` is called after each batch of n sentences."""
         sources = [self.encode(s) for s in sentences]
-        return [self.sp.decode(ids) for ids in translate_ids(self.model, sources, self.options, progress)]
+        found = translate_in_batches(self.search, sources, self.options.max_tokens, progress)
+        return [self.sp.decode(ids) for ids in found]

@@ -1,0 +1,85 @@
+"""Which engine decodes: this library's beam search (`torch`) or CTranslate2 (`ctranslate2`, OpenNMT's C++
+inference engine: int8/int16/float16 on CPU and CUDA). The decode stage and the `translate` command choose here;
+both engines get the same batches, the same source cap and the same output length rule
+(pipeline/common/ct2_engine.py says exactly where their searches agree and where they cannot).
+
+The CTranslate2 model is a cached step, a pure function of the model file: converted once into
+`<folder>/ct2/<stem>-<sha256 prefix>/` beside it and reused while the file's bytes are the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.common.ct2_engine import CT2Translator, convert
+from pipeline.common.translator import Translator, resolve_device
+from transformer.inference import SearchOptions
+
+ENGINES = ("torch", "ctranslate2")
+log = logging.getLogger("pipeline.engines")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def converted_model(model_file: Path) -> Path:
+    """The CTranslate2 model of `model_file` (float32 weights; a compute type quantizes them at load), converted
+    now unless a conversion of these exact bytes exists; older conversions of the same file are removed."""
+    model_file = Path(model_file)
+    folder = model_file.parent / "ct2"
+    target = folder / f"{model_file.stem}-{file_sha256(model_file)[:16]}"
+    if not (target / "model.bin").is_file():
+        log.info("converting %s to a CTranslate2 model in %s", model_file, target)
+        convert(model_file, target)
+    for old in folder.glob(f"{model_file.stem}-*"):
+        if old != target and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def ct2_search(engine: CT2Translator, options: SearchOptions):
+    """CTranslate2's search of one batch, with the torch engine's beam, α, length penalty and length rule."""
+    o = options
+
+    def search(sources: Sequence[Sequence[int]]) -> list[list[int]]:
+        found = engine.search(sources, beam=o.beam, alpha=o.alpha, max_len_a=o.max_len_a, max_len_b=o.max_len_b)
+        return [hyps[0].tokens for hyps in found]
+
+    return search
+
+
+def make_translator(
+    models: Sequence[str | Path],
+    options: SearchOptions,
+    device: str = "auto",
+    engine: str = "torch",
+    compute_type: str = "default",
+    spm_path: str | Path | None = None,
+) -> Translator:
+    """A Translator of one model file (or an ensemble, torch engine only) on the chosen engine."""
+    if engine not in ENGINES:
+        raise ValueError(f"decode.engine: unknown engine '{engine}'; choose one of {ENGINES}")
+    if engine == "torch":
+        if compute_type != "default":
+            raise ValueError(
+                f"decode.compute_type '{compute_type}' is CTranslate2's: it needs decode.engine ctranslate2"
+            )
+        return Translator.from_file(list(models), options, device=device, spm_path=spm_path)
+    if len(models) != 1:
+        raise ValueError(f"decode.engine ctranslate2 decodes one model, got {len(models)}: ensembles need engine torch")
+    # The torch model stays on the CPU: it gives the vocabulary, the source cap and the sentencepiece model.
+    translator = Translator.from_file(models[0], options, device="cpu", spm_path=spm_path)
+    where = "cuda" if device == "auto" and resolve_device("auto").type == "cuda" else device
+    ct2 = CT2Translator(converted_model(Path(models[0])), device=where, compute_type=compute_type)
+    translator.engine_search = ct2_search(ct2, options)
+    translator.device = f"ctranslate2:{ct2.device} ({ct2.compute_type})"
+    return translator
