@@ -1,5 +1,5 @@
-"""Beam search speed on CPU: our `beam_search` against Hugging Face `MarianMTModel.generate`, same weights, same
-work, in the same run.
+"""Decoding speed on CPU: our `beam_search` (the torch engine) and CTranslate2 (float32, int8) against Hugging Face
+`MarianMTModel.generate`, same weights, same sentences, same batches, in the same run; BLEU and peak memory too.
 
     python -m bench.beam [--sentences 500] [--model models/average.pt --spm data/bpe/spm.model]
 
@@ -11,23 +11,33 @@ that translations are real sentences of varied length, not a random model's loop
 Equal work: beam 4, length normalisation log P / |Y|^α ("hf" in our search, `length_penalty=α` in generate;
 |Y| counts the eos), a sentence done once 4 hypotheses have finished (`stop="k_finished"`,
 `early_stopping=True`), the same maximum output length for every sentence, pad and bos forbidden
-(`suppress_tokens`), the same batches of sentences (sorted by length), float32, the same threads.
+(`suppress_tokens`), the same batches of sentences (sorted by length), float32, the same threads. The engines'
+rows decode as the decode stage does (GNMT length penalty; `decode.engine`), CTranslate2 from our own
+conversion (pipeline/common/ct2_engine.py), at `decode.compute_type` float32 and int8. BLEU: sacreBLEU of the
+detokenised output against the test references; peak memory: the process's resident size above what it held
+before the system ran, sampled every 10 ms.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import sentencepiece as spm
 import torch
+from sacrebleu.metrics import BLEU
 
 from pipeline.commands.export_marian import to_marian
+from pipeline.common.ct2_engine import CT2Translator
+from pipeline.common.engines import converted_model
 from pipeline.common.params import BpeParams, DataParams
 from pipeline.download import download
 from pipeline.learn_bpe import learn_bpe
+from transformer.batching import PackedCorpus, collate, fixed_batches, pad_right, translation_batches
 from transformer.beam_search import beam_search
 from transformer.checkpoint import load_model, save_model
 from transformer.loss import label_smoothed_nll_loss
@@ -52,26 +62,13 @@ def encode(sp: spm.SentencePieceProcessor, lines: list[str]) -> list[list[int]]:
     return [ids + [EOS_ID] for ids in sp.encode(lines)]
 
 
-def pad(seqs: list[list[int]], prefix: list[int] = ()) -> torch.Tensor:
-    out = torch.full((len(seqs), len(prefix) + max(map(len, seqs))), PAD_ID)
-    for i, s in enumerate(seqs):
-        out[i, : len(prefix) + len(s)] = torch.tensor([*prefix, *s])
-    return out
-
-
 def train(raw: Path, sp: spm.SentencePieceProcessor, updates: int, max_tokens: int, log) -> Transformer:
     """A few hundred updates of the multi30k preset: enough for fluent-looking, varied-length output."""
     torch.manual_seed(0)
     src = encode(sp, (raw / f"train.{SRC}").read_text(encoding="utf-8").splitlines())
     tgt = encode(sp, (raw / f"train.{TGT}").read_text(encoding="utf-8").splitlines())
-    order = sorted(range(len(src)), key=lambda i: (len(tgt[i]), len(src[i])))
-    batches, batch = [], []
-    for i in order:  # length-sorted batches of about max_tokens target tokens
-        if batch and (len(batch) + 1) * len(tgt[i]) > max_tokens:
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    batches.append(batch)
+    corpus = PackedCorpus.from_pairs(list(zip(src, tgt, strict=True)))
+    batches = fixed_batches(corpus.src_lengths, corpus.tgt_lengths, max_tokens)  # length-sorted, padding counted
     model = Transformer(make_config("multi30k", sp.get_piece_size()))
     warmup = min(400, updates // 2 + 1)  # a short run: §5.3's shape, scaled to peak at 1.5e-3
     factor = 1.5e-3 / peak_rate(model.cfg.d_model, warmup)
@@ -79,10 +76,8 @@ def train(raw: Path, sp: spm.SentencePieceProcessor, updates: int, max_tokens: i
     model.train()
     start = time.perf_counter()
     for step in range(updates):
-        batch = batches[torch.randint(len(batches), ()).item()]
-        s, t = pad([src[i] for i in batch]), pad([tgt[i] for i in batch])
-        t_in = pad([tgt[i][:-1] for i in batch], prefix=[BOS_ID])
-        sums = label_smoothed_nll_loss(model(s, t_in), t)
+        batch = collate(corpus, batches[torch.randint(len(batches), ()).item()])
+        sums = label_smoothed_nll_loss(model(batch.src, batch.tgt_in), batch.tgt_out)
         optimizer.zero_grad()
         (sums.loss / sums.tokens).backward()
         optimizer.step()
@@ -93,11 +88,11 @@ def train(raw: Path, sp: spm.SentencePieceProcessor, updates: int, max_tokens: i
     return model.eval()
 
 
-def batches_of(src: list[list[int]], size: int) -> list[tuple[list[int], torch.Tensor]]:
-    """Sentences sorted by length, `size` to a batch: (their indices, padded ids)."""
-    order = sorted(range(len(src)), key=lambda i: len(src[i]))
-    chunks = [order[i : i + size] for i in range(0, len(order), size)]
-    return [(idx, pad([src[i] for i in idx])) for idx in chunks]
+def batches_of(src: list[list[int]], max_tokens: int) -> list[tuple[list[int], torch.Tensor]]:
+    """The decode stage's batches (longest first, at most `max_tokens` padded source tokens): (indices, ids)."""
+    return [
+        (b.tolist(), pad_right([src[i] for i in b])) for b in translation_batches([len(x) for x in src], max_tokens)
+    ]
 
 
 def strip(ids: list[int]) -> list[int]:
@@ -145,6 +140,46 @@ def run_hf(marian, batches, n, args) -> tuple[list[list[int]], float]:
     return out, now(args) - start
 
 
+class PeakRss:
+    """The most this process's resident memory rose above its level at entry, sampled by a thread (MB)."""
+
+    def __enter__(self):
+        self.proc, self.peak, self.done = psutil.Process(), 0, threading.Event()
+        self.base = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.01):
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self.mb = max(self.peak, self.proc.memory_info().rss - self.base) / 1e6
+
+
+def run_ct2(engine: CT2Translator, src, batches, n, args) -> tuple[list[list[int]], float]:
+    out: list[list[int]] = [[] for _ in range(n)]
+    start = now(args)
+    for idx, _ in batches:
+        hyps = engine.search(
+            [src[i] for i in idx], beam=args.beam, alpha=args.alpha, max_len_a=0.0, max_len_b=args.max_len
+        )
+        for i, h in zip(idx, hyps, strict=True):
+            out[i] = h[0].tokens
+    return out, now(args) - start
+
+
+def ct2_engines(model: Transformer, args) -> dict[str, CT2Translator]:
+    """The model converted (cached in --cache by its bytes), loaded at float32 and int8."""
+    model_file = args.cache / "bench-model.pt"
+    save_model(model_file, model)
+    folder = converted_model(model_file)
+    return {ct: CT2Translator(folder, compute_type=ct, threads=args.threads) for ct in ("float32", "int8")}
+
+
 def get_model(args, log) -> tuple[Transformer, spm.SentencePieceProcessor]:
     raw, sp = prepare_data(args.cache, args.multi30k, args.vocab)
     if args.model:
@@ -169,7 +204,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--updates", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=1500, help="target tokens per training batch")
     p.add_argument("--sentences", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch, both systems")
+    p.add_argument("--batch-tokens", type=int, default=2000, help="padded source tokens per batch, every system")
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--alpha", type=float, default=0.6)
     p.add_argument("--max-len", type=int, default=80, help="output tokens before eos, every sentence")
@@ -198,37 +233,46 @@ def main(argv=None) -> None:
     marian = to_marian(model).eval()
     lines = [json.loads(x)[SRC] for x in (args.multi30k / "test.jsonl").read_text(encoding="utf-8").splitlines()]
     src = encode(sp, lines[: args.sentences])
-    batches = batches_of(src, args.batch_size)
+    batches = batches_of(src, args.batch_tokens)
     n = len(src)
+    ct2 = ct2_engines(model, args)
     runs = {
         "ours (hf length norm, k_finished)": lambda: run_ours(
             model, batches, n, args, length_penalty="hf", stop="k_finished"
         ),
         "HF MarianMTModel.generate": lambda: run_hf(marian, batches, n, args),
-        "ours, defaults (GNMT lp, bound stop)": lambda: run_ours(model, batches, n, args),
+        "torch engine (GNMT lp, bound stop: decode's default)": lambda: run_ours(model, batches, n, args),
+        "CTranslate2 float32 (GNMT lp)": lambda: run_ct2(ct2["float32"], src, batches, n, args),
+        "CTranslate2 int8 (GNMT lp)": lambda: run_ct2(ct2["int8"], src, batches, n, args),
     }
-    run_ours(model, batches[:1], n, args)  # warm-up: first-call allocations, oneDNN kernel selection
+    run_ours(model, batches[:1], n, args)  # warm-up: first-call allocations, kernel selection
     run_hf(marian, batches[:1], n, args)
-    outputs, seconds = {}, {name: float("inf") for name in runs}
-    for _ in range(args.repeat):  # interleaved, so load from other jobs hits both alike
+    for engine in ct2.values():
+        run_ct2(engine, src, batches[:1], n, args)
+    outputs, seconds, memory = {}, {name: float("inf") for name in runs}, dict.fromkeys(runs, 0.0)
+    for _ in range(args.repeat):  # interleaved, so load from other jobs hits every system alike
         for name, fn in runs.items():
-            outputs[name], sec = fn()
-            seconds[name] = min(seconds[name], sec)
-    report(args, n, outputs, seconds, sp)
+            with PeakRss() as rss:
+                outputs[name], sec = fn()
+            seconds[name], memory[name] = min(seconds[name], sec), max(memory[name], rss.mb)
+    refs = [json.loads(x)[TGT] for x in (args.multi30k / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    bleu = {k: BLEU().corpus_score([sp.decode(o) for o in v], [refs[:n]]).score for k, v in outputs.items()}
+    report(args, n, outputs, seconds, sp, bleu, memory)
 
 
-def report(args, n, outputs, seconds, sp) -> None:
-    ours, peer, default = list(outputs)
+def report(args, n, outputs, seconds, sp, bleu, memory) -> None:
+    ours, peer, default, *_ = list(outputs)
     same = sum(a == b for a, b in zip(outputs[ours], outputs[peer], strict=True)) / n
     print(
         f"\n{n} Multi30k test sentences (En->De), beam {args.beam}, alpha {args.alpha}, batches of "
-        f"{args.batch_size}, max {args.max_len} tokens, {args.threads} threads, {args.clock} clock, "
+        f"{args.batch_tokens} source tokens, max {args.max_len} tokens, {args.threads} threads, {args.clock} clock, "
         f"best of {args.repeat}\n"
     )
-    print("| system | seconds | sentences/s | vs HF |")
-    print("|---|---:|---:|---:|")
+    print("| system | seconds | sentences/s | vs HF | sacreBLEU | peak MB above start |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in outputs:
-        print(f"| {name} | {seconds[name]:.2f} | {n / seconds[name]:.1f} | {seconds[peer] / seconds[name]:.2f}x |")
+        speed = f"{seconds[name]:.2f} | {n / seconds[name]:.1f} | {seconds[peer] / seconds[name]:.2f}x"
+        print(f"| {name} | {speed} | {bleu[name]:.2f} | {memory[name]:.0f} |")
     lengths = [len(x) for x in outputs[ours]]
     # At the maximum length we end with a forced eos (scored), generate() truncates: only there may they differ.
     ended = [i for i in range(n) if max(len(outputs[ours][i]), len(outputs[peer][i])) < args.max_len]
@@ -244,6 +288,7 @@ def report(args, n, outputs, seconds, sp) -> None:
         print(f"  e.g. {sp.decode(outputs[ours][i])!r}")
     if args.json:
         figures = {"sentences": n, "seconds": seconds, "identical": same, "identical_ended": same_ended}
+        figures |= {"bleu": bleu, "peak_mb": memory}
         figures["speedup"] = seconds[peer] / seconds[ours]
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from bench.common import forward_flops, matmul_peak_flops
-from transformer.batching import PackedCorpus
+from transformer.batching import PackedCorpus, pad_right, translation_batches
 from transformer.beam_search import beam_search
 from transformer.loss import projected_label_smoothed_nll_loss
 from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer, make_config
@@ -140,15 +140,12 @@ def check_train(preset: str, size: dict, device: torch.device, peak: float) -> d
 def padded_batch(size: dict, device: torch.device, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """src (n, S) and tgt_in (n, T) = bos + target, of different lengths, right-padded."""
     g = torch.Generator().manual_seed(3)
-    src = torch.full((n, 40), PAD_ID, dtype=torch.long)
-    tgt = torch.full((n, 30), PAD_ID, dtype=torch.long)
+    src, tgt = [], []
     for i in range(n):
         s, t = 40 - 3 * i, 30 - 2 * i
-        src[i, :s] = torch.randint(4, size["vocab"], (s,), generator=g)
-        src[i, s - 1] = EOS_ID
-        tgt[i, 0] = BOS_ID
-        tgt[i, 1:t] = torch.randint(4, size["vocab"], (t - 1,), generator=g)
-    return src.to(device), tgt.to(device)
+        src.append([*torch.randint(4, size["vocab"], (s - 1,), generator=g).tolist(), EOS_ID])
+        tgt.append([BOS_ID, *torch.randint(4, size["vocab"], (t - 1,), generator=g).tolist()])
+    return pad_right(src).to(device), pad_right(tgt).to(device)
 
 
 @torch.inference_mode()
@@ -208,26 +205,20 @@ def check_beam(size: dict, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = Transformer(make_config(size["presets"][0], size["vocab"], dropout=0.0)).to(device).eval()
     data = synthetic_corpus(size["decode_sentences"], size["vocab"], seed=7, mean=33.0)
-    order = np.argsort(-data.src_lengths, kind="stable")
     bf16 = device.type == "cuda"
     start, done, out_tokens = time.perf_counter(), 0, 0
-    while done < len(order):
-        width = int(data.src_lengths[order[done]])  # longest first: the first sentence sets the width
-        rows = order[done : done + max(1, size["decode_tokens"] // width)]
-        src = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-        for r, i in enumerate(rows):
-            s = data[int(i)][0]
-            src[r, : len(s)] = torch.from_numpy(s)
+    for batch in translation_batches(data.src_lengths, size["decode_tokens"]):  # longest first, as decode does
+        src = pad_right([data[int(i)][0] for i in batch])
         with autocast(device, bf16):
             hyps = beam_search(model, src.to(device), beam=4, alpha=0.6, max_len_a=1.0, max_len_b=0)
         out_tokens += sum(len(h[0].tokens) for h in hyps)
-        done += len(rows)
+        done += len(batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return {
         "check": "beam_decode",
-        "passed": done == len(order),
+        "passed": done == len(data),
         "measured": f"{done / seconds:,.1f} sentences/s ({out_tokens / seconds:,.0f} tokens/s)",
         "sentences_per_s": done / seconds,
         "criterion": f"{done} sentences, beam 4, output capped at the source length (random weights)",
