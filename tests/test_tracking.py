@@ -12,7 +12,7 @@ import pytest
 import yaml
 from helpers_eval import mlflow_store, write_params
 
-from pipeline import tracking
+from pipeline.common import tracking
 from pipeline.common.params import load_params
 
 STAGES = ("download", "learn_bpe", "train")
@@ -160,7 +160,7 @@ def test_artifacts_of_a_local_store_go_beside_it(tmp_path):
 STAGE_PROCESS = """
 import os, sys, time
 from pathlib import Path
-from pipeline import tracking
+from pipeline.common import tracking
 from pipeline.common.params import load_params
 tracking.pipeline_key = lambda: "test:" + sys.argv[1]
 params = load_params()
