@@ -28,7 +28,7 @@ from transformer.inference import SearchOptions
 
 PAPER_SEARCH = SearchOptions()  # §6.1
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # pipeline/common/ -> the repository
 MODEL_NAME = "translator"
 _PARAM_TYPES = {int: "long", float: "double"}
 

@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.common.params import PARAMS_FILE, Params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # pipeline/common/ -> the repository
 # Tags a stage sets that say where its products are (e.g. the pyfunc model's URI); linked runs carry them.
 CARRIED_TAGS = ("translator_uri",)
 
