@@ -183,15 +183,16 @@ def test_an_elastic_run_loses_a_node_and_grows_back_to_the_weights_of_one_worker
     node = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     # A checkpoint at every update (each report waits for the controller's 2 s poll): the run lasts long enough for
-    # the cluster to change under it. Dropout on: the masks must not depend on the number of workers.
+    # the cluster to change under it. Dropout on: the masks must not depend on the number of workers. Three
+    # micro-batches per update: 2 workers sum their gradients in another order than 1 (and one pass idles).
     root = make_project(
-        tmp_path / "p", workers=[1, 2], max_updates=30, checkpoint_every_updates=1, validate_every_updates=10,
-        resize_every_minutes=0.05, max_failures=5,
+        tmp_path / "p", workers=[1, 2], update_tokens=180, max_updates=30, checkpoint_every_updates=1,
+        validate_every_updates=10, resize_every_minutes=0.05, max_failures=5,
     )  # fmt: skip
     params = yaml.safe_load((root / "params.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump({**params, "model": {**MODEL, "dropout": 0.1}}))
     # Ray's view of the cluster lags node loss by up to 20 s: a group of the old size is tried first, for this long.
-    env = stage_env(root, {"RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"})
+    env = stage_env(root, {"RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"})
     log = root / "stage.log"
     t0 = time.time()
     with open(log, "w") as out:
@@ -209,21 +210,27 @@ def test_an_elastic_run_loses_a_node_and_grows_back_to_the_weights_of_one_worker
     print(f"stage took {time.time() - t0:.1f} s")
     text = log.read_text()
     assert "resize 2 -> 1 workers" in text and "resize 1 -> 2 workers" in text, text[-4000:]
+    assert "2 worker(s), 3 micro-batches per update, 1 idle pass(es) per update" in text
     metrics = json.loads((root / "metrics/train.json").read_text())
     assert metrics["updates"] == 30 and metrics["workers"] == 2 and metrics["worker_counts_seen"] == [1, 2]
     assert metrics["worker_sizes"][-3:] == [2, 1, 2] and metrics["resizes"] >= 2 and metrics["restarts"] >= 2
     assert metrics["updates_lost"] >= 0 and metrics["seconds_lost"] > 0
-    sizes = MlflowClient(tracking_uri(root)).search_runs(
-        [MlflowClient(tracking_uri(root)).get_experiment_by_name("test-train").experiment_id]
-    )[0]
-    assert sizes.data.tags["worker_sizes"].endswith("2 -> 1 -> 2")
-    # The same weights as one uninterrupted worker: only the float32 summation order differs (1 or 2 partial sums
-    # per update), which Adam turns into differences of ~1e-6..1e-5 over 30 updates (tests/test_training.py).
-    _, ref_weights = reference(30, 0.1, checkpoint_every_updates=1, validate_every_updates=10)
+    client = MlflowClient(tracking_uri(root))
+    experiment = client.get_experiment_by_name("test-train").experiment_id
+    (run,) = client.search_runs([experiment], filter_string="tags.stage = 'train'")
+    assert run.data.tags["worker_sizes"].endswith("2 -> 1 -> 2")
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "workers")][-3:] == [2, 1, 2]
+    # The same weights as one uninterrupted worker, to float32 summation order: 2 workers add the 3 micro-batches'
+    # gradients as (g0 + g2) + g1, 1 worker as (g0 + g1) + g2, and Adam, dividing by sqrt(v), turns differences of
+    # ~1e-7 into up to ~5e-5 over 30 updates where gradients are tiny (seen 4.7e-5 here, 4.0e-5 for 2 gloo workers
+    # throughout, on weights of magnitude <= 1.1); 2e-4 leaves a margin. The key biases, whose gradient is zero in
+    # exact arithmetic, are rounding noise and left out (tests/test_training.py).
+    ref, ref_weights = reference(30, 0.1, update_tokens=180, checkpoint_every_updates=1, validate_every_updates=10)
+    assert metrics["valid_loss"] == pytest.approx(ref.history["valid"][-1]["valid_loss"], abs=1e-4)
     update, weights = final_weights(root)
     assert update == 30
     diff = max(
         (without_key_bias(k, weights[k]) - without_key_bias(k, v)).abs().max().item() for k, v in ref_weights.items()
     )
     print(f"max abs difference from one uninterrupted worker: {diff:.2e}")
-    assert diff < 1e-4
+    assert diff < 2e-4
