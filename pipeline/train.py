@@ -7,8 +7,12 @@ shared filesystem), starts a local Ray (or joins `RAY_ADDRESS`), and runs `Torch
 run. The Ray run is named `<train.run_name>-<fingerprint>`, the fingerprint hashing everything that shapes the
 trajectory (model, optimisation, batching, data), so a rerun of the same configuration after a crash finds its
 run in `train.storage_path` and Ray Train V2 restores it: the workers continue from the checkpoint Ray hands
-back, whose own data position makes the resume exact. At the end the last `keep_checkpoints` checkpoints
-(weights only) go to `--out`, with metrics/train.json, plots/train.csv and plots/valid.csv.
+back, whose own data position makes the resume exact. With `train.workers: [min, max]` the run is elastic: it
+starts with min workers, grows as nodes join and goes on with fewer after losing some, to the same weights
+(pipeline/common/elastic.py). An error a restart cannot fix (non-finite training, a full disk, bad data, an
+incompatible checkpoint) ends the run at once with the key or path to fix (pipeline/common/failures.py). At the
+end the last `keep_checkpoints` checkpoints (weights only) go to `--out`, with metrics/train.json (the run's worker
+group starts, restarts, resizes and updates lost among them), plots/train.csv and plots/valid.csv.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -32,6 +37,8 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
+from pipeline.common.elastic import WaitLimit, idle_line, read_attempts, scaling, summarise, wanted
+from pipeline.common.failures import FailFast, reason
 from pipeline.common.files import atomic_path, write_csv_atomic, write_text_atomic
 from pipeline.common.layout import SNAPSHOT_INDEX, SPM_FILE, checkpoint_name
 from pipeline.common.params import Params, TrainParams, load_params
@@ -50,7 +57,7 @@ TRAIN_PLOT, VALID_PLOT = Path("plots/train.csv"), Path("plots/valid.csv")
 NOT_TRAJECTORY = {
     "max_updates", "max_epochs", "max_minutes", "checkpoint_every_minutes", "checkpoint_every_updates",
     "snapshot_every_minutes", "keep_checkpoints", "validate_every_updates", "inspect_sentences", "log_every_updates",
-    "workers",
+    "workers", "resize_every_minutes", "wait_for_workers_minutes",
     "use_gpu", "cpus_per_worker", "accelerator_type",
     "compile", "max_bad_updates", "storage_path", "run_name", "crash_at_update", "max_failures",
 }  # fmt: skip
@@ -98,30 +105,12 @@ def init_ray(train: TrainParams) -> None:
         ray.init(runtime_env={"py_modules": code, "env_vars": WORKER_ENV})
         return
     os.environ.update(WORKER_ENV)  # a local Ray's processes inherit the driver's environment
-    workers = 1 if train.workers == "auto" else train.workers
+    workers = train.workers[1] if isinstance(train.workers, tuple) else 1 if train.workers == "auto" else train.workers
     gpus = torch.cuda.device_count()
     # address="local": a Ray of its own even when another one runs on this machine (another experiment, `ray
     # start`): without it ray.init joins that one and refuses num_cpus/num_gpus ("When connecting to an existing
     # cluster, num_cpus and num_gpus must not be provided"). RAY_ADDRESS is the way to join a cluster.
     ray.init(address="local", num_cpus=workers * train.cpus_per_worker, num_gpus=gpus, include_dashboard=False)
-
-
-def scaling(train: TrainParams) -> ray.train.ScalingConfig:
-    """`auto`: every GPU in the cluster, one worker each; with no GPU, one CPU worker."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = gpus > 0 if train.use_gpu == "auto" else train.use_gpu
-    if use_gpu and gpus == 0:
-        raise RuntimeError("params.yaml: key 'train.use_gpu' is true but the Ray cluster has no GPU")
-    workers = (gpus if use_gpu else 1) if train.workers == "auto" else train.workers
-    resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
-    if train.accelerator_type and not use_gpu:
-        raise RuntimeError("params.yaml: key 'train.accelerator_type' needs GPU workers (train.use_gpu)")
-    return ray.train.ScalingConfig(
-        num_workers=workers,
-        use_gpu=use_gpu,
-        resources_per_worker=resources,
-        accelerator_type=train.accelerator_type if use_gpu else None,
-    )
 
 
 def training_config(train: TrainParams, stage_start: float, meta: dict) -> dict:
@@ -168,16 +157,17 @@ def inspection_config(params: Params, raw: Path | None, bpe: Path | None) -> dic
     return {"spm": proto, "samples": [(s.source, s.reference) for s in samples]} if samples else None
 
 
-def fit(
-    params: Params, data: Path, run_id: str, stage_start: float, inspect: dict | None = None
-) -> tuple[ray.train.Result, int]:
-    """Run (or resume) the Ray Train run of this configuration; returns its result and the number of workers."""
+def fit(params: Params, data: Path, run_id: str, stage_start: float, inspect: dict | None = None) -> ray.train.Result:
+    """Run (or resume) the Ray Train run of this configuration; an error that ends it without a retry is raised
+    as the worker or the controller said it (failures.reason)."""
     meta, train_data, valid_data = load_data(data)
     model_cfg = make_config(params.model.arch, meta["vocab_size"], **params.model.overrides())
     train = params.train
     name = f"{train.run_name}-{fingerprint(params, data)}"
     storage = train.storage_path if "://" in train.storage_path else str(Path(train.storage_path).resolve())
-    scaling_config = scaling(train)
+    scaling_config, wait = scaling(train), train.wait_for_workers_minutes
+    micro = math.ceil(train.update_tokens / train.max_tokens)  # transformer.batching.BatchPlan.micro_per_update
+    print(idle_line(micro, scaling_config.min_workers, scaling_config.max_workers), flush=True)
     mlflow.set_tags(system_tags(scaling_config, name))
     mlflow.log_params({"model.vocab_size": model_cfg.vocab_size, "model.parameters": _count(model_cfg)})
     config = {
@@ -199,9 +189,16 @@ def fit(
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            callbacks=[FailFast()] + ([WaitLimit(wait * 60, wanted(scaling_config, train.workers))] if wait else []),
         ),
     )
-    return trainer.fit(), scaling_config.num_workers
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        cause = reason(e)
+        if cause is e:
+            raise
+        raise cause from None  # the worker's or the controller's message, not Ray's wrapping of it
 
 
 def _count(model_cfg) -> int:
@@ -251,7 +248,8 @@ def write_snapshots(result: ray.train.Result, out: Path) -> list[dict]:
     return index
 
 
-def final_metrics(summary: dict, wall_time: float, workers: int) -> dict:
+def final_metrics(summary: dict, wall_time: float, elastic: dict) -> dict:
+    """The run's numbers; `elastic` (elastic.summarise): its worker-group starts, sizes, restarts and losses."""
     return {
         "train_loss": summary.get("loss"),
         "train_nll": summary.get("nll"),
@@ -266,13 +264,14 @@ def final_metrics(summary: dict, wall_time: float, workers: int) -> dict:
         "resumed_from_update": summary.get("resumed_from"),
         "startup_s": summary.get("startup_s"),  # stage start to the first update (rank 0's clock)
         "first_update_s": summary.get("first_update_s"),
-        "workers": workers,
+        "workers": len(summary.get("worker_nodes") or []),  # the last worker group's size
         "worker_nodes": summary.get("worker_nodes"),
         "wall_time_s": round(wall_time, 1),
+        **elastic,
     }
 
 
-def write_outputs(result: ray.train.Result, out: Path, snapshots: Path, stage_start: float, workers: int) -> dict:
+def write_outputs(result: ray.train.Result, out: Path, snapshots: Path, stage_start: float) -> dict:
     if result.return_value is None:
         raise RuntimeError(f"Ray Train run {result.path} returned nothing from rank 0 (see the log above)")
     summary, history = result.return_value["summary"], result.return_value["history"]
@@ -283,7 +282,8 @@ def write_outputs(result: ray.train.Result, out: Path, snapshots: Path, stage_st
     taken = write_snapshots(result, snapshots)
     write_csv_atomic(TRAIN_PLOT, history["train"], ("update", "loss", "nll", "ppl", "lr", "tokens_per_s", "grad_norm"))
     write_csv_atomic(VALID_PLOT, history["valid"], ("update", "valid_loss", "valid_nll", "valid_ppl"))
-    metrics = final_metrics(summary, time.time() - stage_start, workers) | {"snapshots": len(taken)}
+    elastic = summarise(read_attempts(result.filesystem, result.path))
+    metrics = final_metrics(summary, time.time() - stage_start, elastic) | {"snapshots": len(taken)}
     write_text_atomic(METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)})
     mlflow.log_artifacts(str(out), artifact_path="checkpoints")
@@ -305,8 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     init_ray(params.train)
     try:
         with stage_run("train", params, ("model", "train")) as run:
-            result, workers = fit(params, args.data, run.info.run_id, stage_start, inspect)
-            metrics = write_outputs(result, args.out, args.snapshots, stage_start, workers)
+            result = fit(params, args.data, run.info.run_id, stage_start, inspect)
+            metrics = write_outputs(result, args.out, args.snapshots, stage_start)
     finally:
         ray.shutdown()
     print(json.dumps(metrics, indent=2))

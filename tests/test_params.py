@@ -124,7 +124,7 @@ def test_tests_run_offline():
 
 def test_accelerator_type_reaches_ray_scaling_config():
     ray_train = pytest.importorskip("ray.train")
-    from pipeline.train import scaling
+    from pipeline.common.elastic import scaling
 
     p = parse_params({"train": {"workers": 8, "use_gpu": True, "accelerator_type": "H100"}})
     # No Ray cluster is needed: the cluster's resources are patched.
@@ -135,6 +135,23 @@ def test_accelerator_type_reaches_ray_scaling_config():
     no_gpu = mock.patch("ray.cluster_resources", return_value={"CPU": 2.0})
     with no_gpu, pytest.raises(RuntimeError, match="train.use_gpu"):
         scaling(parse_params({"train": {"use_gpu": True}}).train)
+
+
+def test_workers_min_max_is_elastic_and_auto_grows_to_every_gpu():
+    pytest.importorskip("ray.train")
+    from pipeline.common.elastic import scaling
+
+    with mock.patch("ray.cluster_resources", return_value={"GPU": 4.0, "CPU": 64.0}):
+        auto = scaling(parse_params({}).train)
+        pair = scaling(parse_params({"train": {"workers": [2, 4], "resize_every_minutes": 0.5}}).train)
+        fixed = scaling(parse_params({"train": {"workers": 3}}).train)
+    assert auto.num_workers == (1, 4) and auto.use_gpu  # every GPU, at least one
+    assert pair.num_workers == (2, 4) and pair.elastic_resize_monitor_interval_s == 30.0
+    assert fixed.num_workers == 3 and not fixed.elasticity_enabled
+    with mock.patch("ray.cluster_resources", return_value={"CPU": 2.0}):
+        assert scaling(parse_params({}).train).num_workers == 1  # no GPU: one CPU worker
+    with pytest.raises(ParamsError, match="min <= max"):
+        parse_params({"train": {"workers": [3, 2]}})
 
 
 @pytest.mark.parametrize("preset", ["smoke", "multi30k"])

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from transformer import training
-from transformer.batching import PackedCorpus
+from transformer.batching import PackedCorpus, Position
 from transformer.model import EOS_ID, make_config
 from transformer.schedule import rate
 from transformer.training import Hooks, TooManyBadUpdates, Trainer, TrainingConfig
@@ -71,12 +71,13 @@ class Record(Hooks):
 
 
 THREE_MICRO = train_cfg(update_tokens=180, max_updates=3)
+DROPOUT = 0.3  # on: the masks of each micro-batch must not depend on the rank that runs it
 
 
 def _worker(rank, world_size, init_file, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
-    trainer = Trainer(model_cfg(), THREE_MICRO, tiny_corpus(), tiny_corpus(16, 1), wrap=DistributedDataParallel)
+    trainer = Trainer(model_cfg(DROPOUT), THREE_MICRO, tiny_corpus(), tiny_corpus(16, 1), wrap=DistributedDataParallel)
     hooks = Record()
     trainer.fit(hooks)
     if rank == 0:
@@ -92,10 +93,11 @@ def _worker(rank, world_size, init_file, out):
 
 
 def test_two_gloo_workers_match_one_worker(tmp_path):
-    single = Trainer(model_cfg(), THREE_MICRO, tiny_corpus(), tiny_corpus(16, 1))
+    single = Trainer(model_cfg(DROPOUT), THREE_MICRO, tiny_corpus(), tiny_corpus(16, 1))
     # 1 worker accumulates 3 micro-batches; of 2 workers, rank 0 takes micro-batches 0 and 2 (the first under
     # DDP's no_sync), rank 1 takes micro-batch 1 and a dummy batch of weight 0, so both make 2 backward calls.
     assert single.plan.micro_per_update == 3 and single.plan.accumulation(2) == 2
+    assert [single.plan.idle_slots(w) for w in (1, 2, 3)] == [0, 1, 0]
     hooks = Record()
     single.fit(hooks)
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2)
@@ -121,14 +123,22 @@ def without_key_bias(name, t):
     return t
 
 
-def test_resuming_on_another_number_of_workers_warns_that_masks_differ():
-    trainer = Trainer(model_cfg(0.3), train_cfg(), tiny_corpus(), tiny_corpus(16, 1))
-    state = trainer.state_dict()
+def test_resuming_on_another_number_of_workers_replays_the_run():
+    # Elastic training: a checkpoint written by 2 workers resumed on 1 continues from its data position with the
+    # masks the uninterrupted run draws (keyed by micro-batch, not by rank), silently and bit-exactly.
+    cfg = train_cfg(max_updates=6, checkpoint_every_updates=3)
+    straight = Trainer(model_cfg(0.3), cfg, tiny_corpus(), tiny_corpus(16, 1))
+    hooks = Record()
+    straight.fit(hooks)
+    resumed = Trainer(model_cfg(0.3), cfg, tiny_corpus(), tiny_corpus(16, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        trainer.load_state_dict(state)  # the same world size: silent
-    with pytest.warns(UserWarning, match="2 workers on 1"):
-        trainer.load_state_dict({**state, "world_size": 2})
+        resumed.load_state_dict({**hooks.checkpoints[0], "world_size": 2})
+    assert resumed.position == Position(**hooks.checkpoints[0]["position"])
+    resumed.fit(Record())
+    assert resumed.position == straight.position and resumed.update == straight.update == 6
+    for k, v in straight.module.state_dict().items():
+        assert torch.equal(resumed.module.state_dict()[k], v), k
 
 
 def two_copies() -> PackedCorpus:

@@ -7,8 +7,10 @@ buckets) before they are cut into batches, and the order of the batches is shuff
 One *global* batch (≤ `update_tokens`) makes one update. It is cut into `micro_per_update` micro-batches of at
 most `max_tokens` (what one forward pass holds in memory); with W workers, micro-batch j of every global batch
 goes to worker j mod W, and each worker accumulates gradients over `accumulation(W) = ceil(M / W)` passes,
-padding with an empty slot (None) where it has no micro-batch left. Which sentences make which update depends
-only on (seed, epoch), never on W, so 1 worker and 8 workers follow the same trajectory.
+padding with an empty slot (None) where it has no micro-batch left: `idle_slots(W) = W ceil(M / W) - M` passes
+per update do no work (0 when W divides M; no assignment does better, since DDP needs the same number of passes
+on every rank). Which sentences make which update depends only on (seed, epoch), never on W, so 1 worker and
+8 workers follow the same trajectory, and a run may change W between updates (elastic training).
 
 Imports numpy, torch and the standard library only.
 """
@@ -177,8 +179,13 @@ class BatchPlan:
         """Forward/backward passes per update on each worker."""
         return math.ceil(self.micro_per_update / world_size)
 
+    def idle_slots(self, world_size: int) -> int:
+        """Passes per full update that run an empty slot (on some worker) because M is not a multiple of W."""
+        return world_size * self.accumulation(world_size) - self.micro_per_update
+
     def shard(self, global_batch: list[np.ndarray], rank: int, world_size: int) -> list[np.ndarray | None]:
-        """This worker's micro-batches of `global_batch`, padded with None to `accumulation(world_size)`."""
+        """This worker's micro-batches of `global_batch`, padded with None to `accumulation(world_size)`: its
+        k-th is micro-batch `rank + k * world_size` of the global batch."""
         mine: list[np.ndarray | None] = list(global_batch[rank::world_size])
         return mine + [None] * (self.accumulation(world_size) - len(mine))
 

@@ -4,8 +4,9 @@
 One update = forward/backward over this worker's micro-batches of the global batch (`batching.BatchPlan`).
 The loss is a sum normalised by the *global* target-token count, which every rank knows from the batch plan
 without communication; DDP averages gradients over W ranks, so each rank scales its loss by W / tokens and the
-summed gradient equals the 1-worker gradient. Dropout is reseeded from (seed, rank, epoch, batch index) at
-every update, so a run resumed from a checkpoint replays exactly the masks the uninterrupted run would use.
+summed gradient equals the 1-worker gradient. Dropout is reseeded from (seed, epoch, batch index, micro-batch
+index) before every micro-batch, whichever worker runs it: a run resumed from a checkpoint, on the same number of
+workers or another, draws exactly the masks the uninterrupted run would use.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +30,12 @@ from transformer.rng import reseed, rng_state, set_rng_state
 from transformer.schedule import make_optimizer
 
 
-class TooManyBadUpdates(RuntimeError):
+class NonFiniteTraining(RuntimeError):
+    """The loss, the gradients or the weights are no longer finite: the params (learning rate, warm-up, clipping)
+    or the data are at fault, and a restart from a checkpoint would replay the same updates."""
+
+
+class TooManyBadUpdates(NonFiniteTraining):
     """`max_bad_updates` consecutive updates had a non-finite loss or gradient."""
 
 
@@ -195,12 +200,14 @@ class Trainer:
 
     def train_step(self, global_batch: list[np.ndarray], flags: tuple[bool, ...] = ()) -> Step:
         self.model.train()
-        reseed(self.cfg.seed, self.rank, self.position.epoch, self.position.index)
         tokens = self.plan.target_tokens(global_batch)
         shards = self.plan.shard(global_batch, self.rank, self.world_size)
         sums = torch.zeros(2, device=self.device)
-        for j, indices in enumerate(shards):
-            sums += self.micro_step(indices, self.world_size / tokens, sync=j == len(shards) - 1)
+        for k, indices in enumerate(shards):
+            # The masks of micro-batch j depend on (epoch, batch, j) alone, not on which rank runs it or how many
+            # ranks there are: an elastic run that goes 2 -> 1 -> 2 workers draws the masks of a 1-worker run.
+            reseed(self.cfg.seed, self.position.epoch, self.position.index, self.rank + k * self.world_size)
+            sums += self.micro_step(indices, self.world_size / tokens, sync=k == len(shards) - 1)
         max_norm = self.cfg.clip_norm if self.cfg.clip_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm, foreach=True)
         # Gradients are already synchronised, so the norm is the same everywhere; the loss sums are not.
@@ -282,13 +289,7 @@ class Trainer:
         self.bad_in_row = state["bad_in_row"]
         self.position = Position(**state["position"])
         self.history = {k: list(v) for k, v in state["history"].items()}
-        set_rng_state(state["rng"])
-        if state["world_size"] != self.world_size:
-            warnings.warn(
-                f"resuming a run of {state['world_size']} workers on {self.world_size}: the data order and the "
-                "gradients are the same, the dropout masks (drawn per rank) are not, so the run is not replayed",
-                stacklevel=2,
-            )
+        set_rng_state(state["rng"])  # state["world_size"] may differ: neither data order nor masks depend on it
         self._last_checkpoint = (self.update, time.time())
         self._last_valid_update = self.history["valid"][-1]["update"] if self.history["valid"] else -1
         # The clock goes on from the checkpoint's reading: the time budget, the cool-down that follows it and the
@@ -387,7 +388,7 @@ class Trainer:
 
     def checkpoint(self, hooks: Hooks) -> None:
         if not self.weights_finite():  # identical weights on every rank, so every rank raises together
-            raise RuntimeError(f"non-finite weights at update {self.update}: no checkpoint written")
+            raise NonFiniteTraining(f"non-finite weights at update {self.update}: no checkpoint written")
         metrics = {"update": self.update, "skipped": self.skipped, "tokens": self.tokens, **self.last_metrics()}
         hooks.on_checkpoint(self, self.state_dict() if self.rank == 0 else None, metrics)
         self._last_checkpoint = (self.update, time.time())

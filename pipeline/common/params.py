@@ -135,7 +135,14 @@ class TrainParams(Section):
     # averaged model; 0: none.
     inspect_sentences: NonNegInt = 3
     log_every_updates: PositiveInt = 100
-    workers: Literal["auto"] | PositiveInt = "auto"  # auto: every GPU in the cluster, else 1 CPU worker
+    # N: exactly N workers. [min, max]: elastic (Ray Train's elastic scaling): start when min workers can be had,
+    # grow toward max as nodes join, go on with fewer after losing some; the weights do not depend on the sizes
+    # the run went through (docs/cluster.md). auto: [1, every GPU in the cluster]; without a GPU, 1 CPU worker.
+    workers: Literal["auto"] | PositiveInt | tuple[PositiveInt, PositiveInt] = "auto"
+    resize_every_minutes: Annotated[float, Field(gt=0)] = 1.0  # elastic: how often to look for joined nodes
+    # How long the run may wait for its minimum number of workers (at start, or after losing nodes) before it fails
+    # naming the resources it waits for; None: for ever.
+    wait_for_workers_minutes: Annotated[float, Field(gt=0)] | None = 10.0
     use_gpu: Literal["auto"] | bool = "auto"
     cpus_per_worker: PositiveInt = 1
     accelerator_type: str | None = None  # pin GPU workers to one type, e.g. "H100" or "A100" (Ray's names)
@@ -151,6 +158,8 @@ class TrainParams(Section):
     def _consistent(self) -> TrainParams:
         if self.max_tokens > self.update_tokens:
             raise ValueError("max_tokens (per worker) must not exceed update_tokens (global)")
+        if isinstance(self.workers, tuple) and self.workers[0] > self.workers[1]:
+            raise ValueError(f"workers [min, max] must have min <= max, got {list(self.workers)}")
         if self.checkpoint_every_minutes is None and self.checkpoint_every_updates is None:
             raise ValueError("set checkpoint_every_minutes or checkpoint_every_updates")
         return self

@@ -3,8 +3,11 @@ hand the loop to `transformer.training.Trainer` and plug Ray and MLflow in throu
 
 Ray appears in a handful of calls: `get_context`, `get_checkpoint`, `prepare_model`, `get_device`, `report`.
 Rank 0 logs to MLflow (batched) and writes checkpoints; every rank reports, because `ray.train.report` is a
-barrier. Resume: `get_checkpoint()` is whatever Ray hands back (the newest registered checkpoint, or after a
-hard death the one before it); the data position and everything else come from inside that checkpoint.
+barrier. Resume: from the newest *intact* checkpoint in the run's storage, which is the one `get_checkpoint()`
+hands back or a newer one (after a hard death Ray hands back the one before); a corrupt or half-written one is
+skipped with a line saying so. The data position and everything else come from inside the checkpoint, so a
+group of another size (elastic training, pipeline/common/elastic.py) continues the same trajectory. Errors that
+a restart cannot fix end the run at once (pipeline/common/failures.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from pipeline.common.elastic import AttemptLog
+from pipeline.common.failures import RunCannotContinue, cannot_continue, storage_errors
 from pipeline.common.inspection import Sample, inspect_model, log_inspection
 from transformer.batching import PackedCorpus
 from transformer.checkpoint import load
@@ -49,11 +54,21 @@ class RayHooks(Hooks):
         run_id: str | None,
         crash_at: int | None,
         inspect: dict | None = None,
+        attempt: AttemptLog | None = None,
     ):
         self.rank, self.world_size, self.crash_at = rank, world_size, crash_at
         self.client = MlflowClient(tracking_uri) if (rank == 0 and run_id) else None
         self.run_id = run_id
         self.inspector = Inspector(inspect, tracking_uri, run_id) if (inspect and self.client is not None) else None
+        self.attempt = attempt  # rank 0's record of this worker-group start
+
+    def log_start(self, update: int) -> None:
+        """The size of this group in MLflow: metric `workers` at the update it starts from, tag `worker_sizes`."""
+        if self.client is None or self.attempt is None:
+            return
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric("workers", self.world_size, now, update)], synchronous=True)
+        self.client.set_tag(self.run_id, "worker_sizes", " -> ".join(map(str, self.attempt.sizes())))
 
     def log(self, record: dict, keys: tuple[str, ...]) -> None:
         if self.client is None:
@@ -64,6 +79,8 @@ class RayHooks(Hooks):
 
     def on_log(self, trainer: Trainer, record: dict) -> None:
         self.log(record, TRAIN_METRICS)
+        if self.attempt is not None:
+            self.attempt.reached(trainer.update)
 
     def on_validate(self, trainer: Trainer, record: dict) -> None:
         self.log(record, VALID_METRICS)
@@ -81,16 +98,24 @@ class RayHooks(Hooks):
 
     def on_checkpoint(self, trainer: Trainer, state: dict | None, metrics: dict) -> None:
         name = f"checkpoint_{trainer.update:08d}"
+        storage = ray.train.get_context().get_storage()
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
             checkpoint = None
             if state is not None:
-                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+                state["saved_at"] = time.time()  # what a restart from it loses is counted from here
+                with storage_errors(f"{name} (local copy)", str(Path(tmp) / CHECKPOINT_FILE)):
+                    torch.save(state, Path(tmp) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+            with storage_errors(name, f"{storage.experiment_fs_path}/{name}"):
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if self.attempt is not None:
+            self.attempt.reached(trainer.update)
 
     def on_snapshot(self, trainer: Trainer, snapshot: dict | None) -> None:
         if snapshot is not None:
-            write_snapshot(snapshot)
+            storage = ray.train.get_context().get_storage()
+            with storage_errors(f"snapshot at update {trainer.update}", snapshot_folder(storage.experiment_fs_path)):
+                write_snapshot(snapshot)
 
 
 class Inspector:
@@ -168,27 +193,30 @@ def claim_crash(update: int) -> bool:
     return True
 
 
-def restored_state() -> dict | None:
-    """The newest complete training state of this run: Ray's registered checkpoint, or a newer one on disk.
+def restored_state(rank: int) -> tuple[dict, str] | None:
+    """The newest intact training state of this run and its path: Ray's registered checkpoint, or a newer one.
 
     A process killed hard just after persisting a checkpoint leaves it in storage before Ray's controller has
-    registered it, and Ray then hands back the one before (or none). Every rank scans the same storage, so all
-    ranks agree on the state; the data position comes from inside it.
+    registered it, and Ray then hands back the one before (or none); a node lost while its rank 0 wrote one leaves
+    it truncated. Every rank scans the same storage, so all ranks agree on the state.
     """
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load(Path(folder) / CHECKPOINT_FILE)  # on CPU: RNG states must stay there
-    newer = newest_state_in_storage(after=-1 if state is None else state["update"])
-    return newer if newer is not None else state
-
-
-def newest_state_in_storage(after: int) -> dict | None:
-    """The newest loadable `checkpoint_*/checkpoint.pt` of this run with an update count above `after`."""
     storage = ray.train.get_context().get_storage()
-    fs = storage.storage_filesystem
-    selector = pyarrow.fs.FileSelector(storage.experiment_fs_path, allow_not_found=True)
+    found, skipped = newest_intact_state(storage.storage_filesystem, storage.experiment_fs_path)
+    for line in skipped if rank == 0 else []:
+        print(line, flush=True)
+    registered = ray.train.get_checkpoint()
+    if found is None and registered is not None:
+        raise RunCannotContinue(
+            f"Ray registered the checkpoint {registered.path}, but no checkpoint of this run in "
+            f"{storage.experiment_fs_path} can be read; delete that folder to start over"
+        )
+    return found
+
+
+def newest_intact_state(fs: pyarrow.fs.FileSystem, folder: str) -> tuple[tuple[dict, str] | None, list[str]]:
+    """The newest loadable `checkpoint_*/checkpoint.pt` under `folder` and its path, and a line for each newer one
+    that could not be read (missing or truncated: never resumed from)."""
+    selector = pyarrow.fs.FileSelector(folder, allow_not_found=True)
     folders = sorted(
         (
             info.path
@@ -197,14 +225,37 @@ def newest_state_in_storage(after: int) -> dict | None:
         ),
         reverse=True,
     )
-    for folder in folders:  # names end in the zero-padded update count: newest first
+    skipped = []
+    for checkpoint in folders:  # names end in the zero-padded update count: newest first
+        path = f"{checkpoint}/{CHECKPOINT_FILE}"
         try:
-            with fs.open_input_file(f"{folder}/{CHECKPOINT_FILE}") as f:
-                state = load(io.BytesIO(f.read()))
-        except (OSError, ValueError):
-            continue  # missing or incomplete copy: fall back to an older one
-        return state if state["update"] > after else None
-    return None
+            with fs.open_input_file(path) as f:
+                return (load(io.BytesIO(f.read())), path), skipped  # on CPU: RNG states must stay there
+        except (OSError, ValueError) as e:  # missing, or not a complete checkpoint
+            problem = "missing" if isinstance(e, FileNotFoundError) else str(e).partition(": ")[2] or str(e)
+            skipped.append(f"checkpoint {path} is corrupt or half-written ({problem}): skipped for the one before it")
+    return None, skipped
+
+
+def resume(trainer: Trainer, found: tuple[dict, str] | None, rank: int) -> dict | None:
+    """Load `found` into `trainer`; a checkpoint of another configuration ends the run, naming its path."""
+    if found is None:
+        return None
+    state, path = found
+    try:
+        trainer.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise RunCannotContinue(
+            f"cannot resume from {path}: {e!r}. It was written with other params (model.*, train.ema_decay); "
+            "change train.run_name or delete the run's folder in train.storage_path to start over"
+        ) from e
+    if rank == 0:
+        print(
+            f"resumed from update {trainer.update} (epoch {trainer.position.epoch}, batch "
+            f"{trainer.position.index}) at minute {trainer.clock() / 60:.1f} of the run's clock",
+            flush=True,
+        )
+    return state
 
 
 def worker_nodes(world_size: int) -> list[str]:
@@ -218,7 +269,18 @@ def worker_nodes(world_size: int) -> list[str]:
 
 
 def train_loop_per_worker(config: dict) -> dict:
-    """Ray Train's per-worker entry point; `config` holds plain values and object refs only."""
+    """Ray Train's per-worker entry point; `config` holds plain values and object refs only. An error a restart
+    cannot fix leaves as RunCannotContinue, which ends the run (failures.FailFast); any other is retried."""
+    try:
+        return train(config)
+    except Exception as e:
+        fatal = cannot_continue(e, config["training"])
+        if fatal is None or fatal is e:
+            raise
+        raise fatal from e
+
+
+def train(config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -236,22 +298,19 @@ def train_loop_per_worker(config: dict) -> dict:
         device,
         wrap=wrap if world_size > 1 else None,
     )
-    state = restored_state()
-    if state is not None:
-        trainer.load_state_dict(state)
-        if rank == 0:
-            print(
-                f"resumed from update {trainer.update} (epoch {trainer.position.epoch}, batch "
-                f"{trainer.position.index}) at minute {trainer.clock() / 60:.1f} of the run's clock",
-                flush=True,
-            )
-    if rank == 0:  # only rank 0 writes snapshots
+    state = resume(trainer, restored_state(rank), rank)
+    attempt = None
+    if rank == 0:  # only rank 0 writes snapshots and the record of this start
         storage = ctx.get_storage()
         folder = snapshot_folder(storage.experiment_fs_path)
         drop_snapshots_after(storage.storage_filesystem, folder, 0 if state is None else state["update"])
+        attempt = AttemptLog.start(storage, world_size, trainer.plan.idle_slots(world_size), state)
+        print(attempt.line(trainer.plan.micro_per_update), flush=True)
     hooks = RayHooks(
-        rank, world_size, config["tracking_uri"], config["run_id"], config["crash_at_update"], config.get("inspect")
-    )
+        rank, world_size, config["tracking_uri"], config["run_id"], config["crash_at_update"], config.get("inspect"),
+        attempt,
+    )  # fmt: skip
+    hooks.log_start(trainer.update)
     try:
         summary = trainer.fit(hooks)
     finally:
