@@ -226,6 +226,10 @@ def test_an_elastic_run_loses_a_node_and_grows_back_to_the_weights_of_one_worker
     assert "2 worker(s), 3 micro-batches per update, 1 idle pass(es) per update" in text
     metrics = json.loads((root / "metrics/train.json").read_text())
     assert metrics["updates"] == 30 and metrics["workers"] == 2 and metrics["worker_counts_seen"] == [1, 2]
+    # Through RAY_ADDRESS, as on a real cluster: the last group's two workers (1 CPU each) sit on the two nodes, and
+    # everything comes back to the driver (what tests/test_multinode.py checked before this test covered it).
+    nodes = {n.node_id for n in cluster.list_all_nodes()}
+    assert len(nodes) == 2 and set(metrics["worker_nodes"]) == nodes
     assert metrics["worker_sizes"][-3:] == [2, 1, 2] and metrics["resizes"] >= 2 and metrics["restarts"] >= 2
     assert metrics["updates_lost"] >= 0 and metrics["seconds_lost"] > 0
     client = MlflowClient(tracking_uri(root))
