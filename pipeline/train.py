@@ -59,7 +59,7 @@ NOT_TRAJECTORY = {
     "snapshot_every_minutes", "keep_checkpoints", "validate_every_updates", "inspect_sentences", "log_every_updates",
     "workers", "resize_every_minutes", "wait_for_workers_minutes",
     "use_gpu", "cpus_per_worker", "accelerator_type",
-    "compile", "max_bad_updates", "storage_path", "run_name", "crash_at_update", "max_failures",
+    "compile", "max_bad_updates", "storage_path", "run_name", "max_failures",
 }  # fmt: skip
 # With train.cooldown > 0 the rate falls to 0 over the last share of max_updates or max_minutes, so the budget
 # shapes every update after the cool-down starts: a 20-minute rerun must not resume a 60-minute run's checkpoints.
@@ -95,6 +95,19 @@ def fingerprint(params: Params, data: Path) -> str:
 # Ray Train's workers replace print() by one that logs through the root logger *and* prints when stdout is
 # wrapped, which put every progress line twice into the driver's log; the plain print reaches it once.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+# Fault injection for tests, not a param: one worker raises once at this update (tests/test_train_stage.py).
+CRASH_AT_UPDATE_ENV = "TRANSFORMER_TEST_CRASH_AT_UPDATE"
+
+
+def crash_at_update() -> int | None:
+    value = os.environ.get(CRASH_AT_UPDATE_ENV)
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{CRASH_AT_UPDATE_ENV}={value!r}: a positive update number (test fault injection)")
+    return int(value)
 
 
 def init_ray(train: TrainParams) -> None:
@@ -177,7 +190,7 @@ def fit(params: Params, data: Path, run_id: str, stage_start: float, inspect: di
         "valid_ref": ray.put(valid_data.to_arrays()) if valid_data is not None else None,
         "tracking_uri": tracking_uri(params),
         "run_id": run_id,
-        "crash_at_update": train.crash_at_update,
+        "crash_at_update": crash_at_update(),
         "inspect": inspect,
     }
     trainer = TorchTrainer(

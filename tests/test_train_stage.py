@@ -143,9 +143,9 @@ def without_key_bias(name, t):
 
 
 def test_two_workers_with_a_crash_finish_like_one_uninterrupted_worker(tmp_path):
-    root = make_project(tmp_path / "p", workers=2, crash_at_update=3)
+    root = make_project(tmp_path / "p", workers=2)
     t0 = time.time()
-    proc = run_stage(root)
+    proc = run_stage(root, extra_env={"TRANSFORMER_TEST_CRASH_AT_UPDATE": "3"})
     print(f"stage took {time.time() - t0:.1f} s")
     (tmp_path / "stage.log").write_text(proc.stdout + proc.stderr)
     assert "injected crash at update 3" in proc.stdout + proc.stderr

@@ -152,7 +152,6 @@ class TrainParams(Section):
     storage_path: str = "runs/ray"  # Ray's storage: a local folder, a shared filesystem or s3://...
     run_name: str = "train"
     max_failures: NonNegInt = 3  # worker-group restarts (from the last checkpoint) before the run fails
-    crash_at_update: PositiveInt | None = None  # fault injection for tests: one worker raises once
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainParams:

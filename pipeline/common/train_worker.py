@@ -42,7 +42,7 @@ VALID_METRICS = ("valid_loss", "valid_nll", "valid_ppl")
 
 
 class InjectedCrash(RuntimeError):
-    """Raised once by one worker when `train.crash_at_update` is set (fault-injection tests)."""
+    """Raised once by one worker at the update TRANSFORMER_TEST_CRASH_AT_UPDATE names (fault-injection tests)."""
 
 
 class RayHooks(Hooks):
@@ -94,7 +94,7 @@ class RayHooks(Hooks):
     def on_update(self, trainer: Trainer, step: Step) -> None:
         mine = self.crash_at is not None and trainer.update == self.crash_at and self.rank == self.world_size - 1
         if mine and claim_crash(self.crash_at):
-            raise InjectedCrash(f"injected crash at update {self.crash_at} (train.crash_at_update)")
+            raise InjectedCrash(f"injected crash at update {self.crash_at} (TRANSFORMER_TEST_CRASH_AT_UPDATE)")
 
     def on_checkpoint(self, trainer: Trainer, state: dict | None, metrics: dict) -> None:
         name = f"checkpoint_{trainer.update:08d}"
