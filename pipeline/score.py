@@ -14,7 +14,7 @@ comparison with published numbers only, and labelled so wherever they appear:
 `bleu_ci95` is how finely the test set resolves this one system: the half-width of sacreBLEU's 95% bootstrap
 interval (`sacrebleu --confidence`, `score.bootstrap` resamples of the sentences, sacreBLEU's fixed seed), around
 `bleu_bootstrap_mean`. Two systems are compared more finely by a paired test on the same sentences:
-`sacrebleu REF -i HYP_A HYP_B --paired-bs` (README, section 5).
+`sacrebleu REF -i HYP_A HYP_B --paired-bs` (docs/evaluation.md).
 """
 
 from __future__ import annotations
