@@ -23,11 +23,15 @@ from torch import Tensor
 from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer
 
 
+def max_output_length(src_len: int, max_len_a: float, max_len_b: int, max_positions: int) -> int:
+    """⌊a · source length⌋ + b tokens (eos excluded); the decoder must also fit bos + tokens into its positions,
+    so the length is capped at max_positions − 1."""
+    return min(math.floor(max_len_a * src_len) + max_len_b, max_positions - 1)
+
+
 def max_output_lengths(src: Tensor, max_len_a: float, max_len_b: int, max_positions: int) -> list[int]:
-    """⌊a · source length⌋ + b tokens (eos excluded) per sentence of src (N, S); the decoder must also fit
-    bos + tokens into its positions, so the length is capped at max_positions − 1."""
-    src_len = src.ne(PAD_ID).sum(dim=1).tolist()
-    return [min(math.floor(max_len_a * n) + max_len_b, max_positions - 1) for n in src_len]
+    """`max_output_length` of each sentence of src (N, S), padded with pad_id."""
+    return [max_output_length(n, max_len_a, max_len_b, max_positions) for n in src.ne(PAD_ID).sum(dim=1).tolist()]
 
 
 def mask_step(scores: Tensor, force_eos: Tensor | None) -> Tensor:

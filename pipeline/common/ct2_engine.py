@@ -58,10 +58,7 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,9 +67,11 @@ import numpy as np
 import torch
 from ctranslate2.specs import common_spec, transformer_spec
 
+from pipeline.common.files import atomic_path
 from transformer.beam_search import LENGTH_PENALTIES, Hypothesis
 from transformer.checkpoint import load_model
 from transformer.model import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Transformer, sinusoid_table
+from transformer.search import max_output_length
 
 META_FILE = "transformer.json"  # our side of the conversion: ids, max_positions, provenance
 COMPUTE_TYPES = (
@@ -211,25 +210,10 @@ def convert(
         "source": str(model_file),
         "ctranslate2": ctranslate2.__version__,
     }
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    old = None
-    try:
+    with atomic_path(out_dir) as tmp:  # the folder appears only once complete; a failure keeps the old one
+        tmp.mkdir()
         spec.save(str(tmp))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, old / "model")  # a folder cannot be replaced by rename: move it aside first
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "model").exists() and not out_dir.exists():
-            os.replace(old / "model", out_dir)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 # --- search ---
@@ -319,7 +303,7 @@ class CT2Translator:
 
     def max_output_length(self, src_len: int, max_len_a: float, max_len_b: int) -> int:
         """transformer.search.max_output_lengths for one source of `src_len` tokens (no padding)."""
-        return min(math.floor(max_len_a * src_len) + max_len_b, self.max_positions - 1)
+        return max_output_length(src_len, max_len_a, max_len_b, self.max_positions)
 
     def search(
         self,
