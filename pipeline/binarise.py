@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import hashlib
 import itertools
 import json
 import multiprocessing
@@ -36,7 +35,7 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from pipeline.common.files import atomic_path, write_text_atomic
+from pipeline.common.files import atomic_path, file_sha256, write_text_atomic
 from pipeline.common.layout import SPM_FILE
 from pipeline.common.params import BinariseParams, load_params
 from pipeline.common.tracking import log_stage_metrics, stage_run
@@ -231,11 +230,6 @@ def write_split(chunks, out: Path, split: str, langs: tuple, dtype, lines: int, 
     }
 
 
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def load_model(bpe: Path) -> tuple[Path, spm.SentencePieceProcessor]:
     model = bpe / SPM_FILE
     if not model.exists():
@@ -270,7 +264,7 @@ def binarise(raw, bpe, out, src: str, tgt: str, params: BinariseParams) -> dict:
             "dtype": dtype.name,
             "langs": {"source": src, "target": tgt},
             "special_ids": SPECIAL_IDS,
-            "spm_model_sha256": sha256(model),
+            "spm_model_sha256": file_sha256(model),
             "splits": {split: s["pairs"] for split, s in stats.items()},
             **sampled,
         })  # fmt: skip

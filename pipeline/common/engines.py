@@ -9,26 +9,18 @@ The CTranslate2 model is a cached step, a pure function of the model file: conve
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.common.ct2_engine import CT2Translator, convert
+from pipeline.common.files import file_sha256
 from pipeline.common.translator import Translator, resolve_device
 from transformer.inference import SearchOptions
 
 ENGINES = ("torch", "ctranslate2")
 log = logging.getLogger("pipeline.engines")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def converted_model(model_file: Path) -> Path:
