@@ -43,7 +43,7 @@ from pipeline.common.files import atomic_path, write_csv_atomic, write_text_atom
 from pipeline.common.layout import SNAPSHOT_INDEX, SPM_FILE, checkpoint_name
 from pipeline.common.params import Params, TrainParams, load_params
 from pipeline.common.tracking import git_commit, stage_run, tracking_uri
-from pipeline.common.train_worker import CHECKPOINT_FILE, snapshot_folder, train_loop_per_worker
+from pipeline.common.train_worker import intact_states, snapshot_folder, train_loop_per_worker
 from transformer.batching import PackedCorpus
 from transformer.checkpoint import load, save_atomic
 from transformer.ema import averaged_weights
@@ -97,17 +97,19 @@ def fingerprint(params: Params, data: Path) -> str:
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
-# Fault injection for tests, not a param: one worker raises once at this update (tests/test_train_stage.py).
-CRASH_AT_UPDATE_ENV = "TRANSFORMER_TEST_CRASH_AT_UPDATE"
+# Fault injection for tests, not params (tests/test_train_stage.py): at the update named, one worker raises once
+# (crash), or every worker stops after its checkpoint until the test kills the stage (hang: a kill at a known update).
+FAULT_ENV = {"crash": "TRANSFORMER_TEST_CRASH_AT_UPDATE", "hang": "TRANSFORMER_TEST_HANG_AT_UPDATE"}
 
 
-def crash_at_update() -> int | None:
-    value = os.environ.get(CRASH_AT_UPDATE_ENV)
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{CRASH_AT_UPDATE_ENV}={value!r}: a positive update number (test fault injection)")
-    return int(value)
+def injected_faults() -> dict[str, int | None]:
+    faults = {}
+    for fault, name in FAULT_ENV.items():
+        value = os.environ.get(name)
+        if value and (not value.isdigit() or int(value) < 1):
+            raise ValueError(f"{name}={value!r}: a positive update number (test fault injection)")
+        faults[fault] = int(value) if value else None
+    return faults
 
 
 def init_ray(train: TrainParams) -> None:
@@ -190,7 +192,7 @@ def fit(params: Params, data: Path, run_id: str, stage_start: float, inspect: di
         "valid_ref": ray.put(valid_data.to_arrays()) if valid_data is not None else None,
         "tracking_uri": tracking_uri(params),
         "run_id": run_id,
-        "crash_at_update": crash_at_update(),
+        "faults": injected_faults(),
         "inspect": inspect,
     }
     trainer = TorchTrainer(
@@ -221,25 +223,34 @@ def _count(model_cfg) -> int:
         return Transformer(model_cfg).num_parameters()
 
 
-def kept_checkpoints(result: ray.train.Result) -> list[dict]:
-    """The last `keep_checkpoints` training states, oldest first, as stored by Ray."""
-    states = []
-    for checkpoint, _ in result.best_checkpoints or []:
-        with checkpoint.as_directory() as folder:
-            states.append(load(Path(folder) / CHECKPOINT_FILE))
-    return sorted(states, key=lambda s: s["update"])
-
-
-def write_checkpoints(states: list[dict], out: Path) -> None:
-    """Weights, config and update of each kept checkpoint (no optimiser: resume state stays in Ray's storage);
-    with train.ema_decay, also the moving average's weights (`ema`, a state_dict like `model`)."""
+def write_checkpoints(result: ray.train.Result, keep: int, last_update: int, out: Path) -> list[int]:
+    """Weights, config and update of the run's newest `keep` intact training states, oldest first (no optimiser:
+    resume state stays in Ray's storage); with train.ema_decay, also the moving average's weights (`ema`, a
+    state_dict like `model`). Read from the run's storage, not from Ray's registry of reported checkpoints: a stage
+    killed after rank 0 persisted a checkpoint but before Ray's controller registered it resumes from that
+    checkpoint (train_worker.restored_state), which Ray's result then never lists."""
+    written: list[int] = []
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        for s in states:
+        for found in intact_states(result.filesystem, result.path):  # newest first, one state in memory at a time
+            if isinstance(found, str):
+                continue
+            s, path = found
+            if not written and s["update"] != last_update:
+                raise RuntimeError(
+                    f"training ended at update {last_update}, but the newest intact checkpoint of the run is "
+                    f"from update {s['update']}: {path}"
+                )
             slim = {k: s[k] for k in ("model", "config", "update", "tokens")} | {"elapsed_s": s.get("elapsed_s")}
             if "ema" in s:
                 slim["ema"] = averaged_weights(s["ema"], s["model"])
             save_atomic(slim, tmp / checkpoint_name(s["update"]))
+            written.append(s["update"])
+            if len(written) == keep:
+                break
+        if not written:
+            raise RuntimeError(f"training ended at update {last_update}, but {result.path} holds no intact checkpoint")
+    return written[::-1]
 
 
 def write_snapshots(result: ray.train.Result, out: Path) -> list[dict]:
@@ -284,14 +295,11 @@ def final_metrics(summary: dict, wall_time: float, elastic: dict) -> dict:
     }
 
 
-def write_outputs(result: ray.train.Result, out: Path, snapshots: Path, stage_start: float) -> dict:
+def write_outputs(result: ray.train.Result, keep: int, out: Path, snapshots: Path, stage_start: float) -> dict:
     if result.return_value is None:
         raise RuntimeError(f"Ray Train run {result.path} returned nothing from rank 0 (see the log above)")
     summary, history = result.return_value["summary"], result.return_value["history"]
-    states = kept_checkpoints(result)
-    if not states:
-        raise RuntimeError(f"Ray Train run {result.path} kept no checkpoint")
-    write_checkpoints(states, out)
+    write_checkpoints(result, keep, summary["updates"], out)
     taken = write_snapshots(result, snapshots)
     write_csv_atomic(TRAIN_PLOT, history["train"], ("update", "loss", "nll", "ppl", "lr", "tokens_per_s", "grad_norm"))
     write_csv_atomic(VALID_PLOT, history["valid"], ("update", "valid_loss", "valid_nll", "valid_ppl"))
@@ -319,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with stage_run("train", params, ("model", "train")) as run:
             result = fit(params, args.data, run.info.run_id, stage_start, inspect)
-            metrics = write_outputs(result, args.out, args.snapshots, stage_start)
+            metrics = write_outputs(result, params.train.keep_checkpoints, args.out, args.snapshots, stage_start)
     finally:
         ray.shutdown()
     print(json.dumps(metrics, indent=2))

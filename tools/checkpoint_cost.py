@@ -81,7 +81,7 @@ def measure(trainer: Trainer, storage: Path) -> dict[str, float]:
         marks["persist"] = time.perf_counter()
         marks["bytes"] = (destination / CHECKPOINT_FILE).stat().st_size
 
-    hooks = RayHooks(rank=0, world_size=1, tracking_uri=None, run_id=None, crash_at=None)
+    hooks = RayHooks(rank=0, world_size=1, tracking_uri=None, run_id=None)
     with (
         mock.patch.object(trainer, "state_dict", timed_state_dict),
         mock.patch("ray.train.report", persist),

@@ -13,8 +13,10 @@ a restart cannot fix end the run at once (pipeline/common/failures.py).
 from __future__ import annotations
 
 import io
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,11 +54,12 @@ class RayHooks(Hooks):
         world_size: int,
         tracking_uri: str | None,
         run_id: str | None,
-        crash_at: int | None,
+        faults: dict[str, int | None] | None = None,
         inspect: dict | None = None,
         attempt: AttemptLog | None = None,
     ):
-        self.rank, self.world_size, self.crash_at = rank, world_size, crash_at
+        self.rank, self.world_size = rank, world_size
+        self.crash_at, self.hang_at = (faults or {}).get("crash"), (faults or {}).get("hang")
         self.client = MlflowClient(tracking_uri) if (rank == 0 and run_id) else None
         self.run_id = run_id
         self.inspector = Inspector(inspect, tracking_uri, run_id) if (inspect and self.client is not None) else None
@@ -110,6 +113,11 @@ class RayHooks(Hooks):
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         if self.attempt is not None:
             self.attempt.reached(trainer.update)
+        if trainer.update == self.hang_at:
+            print(f"hanging after the checkpoint at update {trainer.update} (TRANSFORMER_TEST_HANG_AT_UPDATE)")
+            sys.stdout.flush()
+            while True:  # until the test kills the stage
+                time.sleep(1)
 
     def on_snapshot(self, trainer: Trainer, snapshot: dict | None) -> None:
         if snapshot is not None:
@@ -213,9 +221,9 @@ def restored_state(rank: int) -> tuple[dict, str] | None:
     return found
 
 
-def newest_intact_state(fs: pyarrow.fs.FileSystem, folder: str) -> tuple[tuple[dict, str] | None, list[str]]:
-    """The newest loadable `checkpoint_*/checkpoint.pt` under `folder` and its path, and a line for each newer one
-    that could not be read (missing or truncated: never resumed from)."""
+def intact_states(fs: pyarrow.fs.FileSystem, folder: str) -> Iterator[tuple[dict, str] | str]:
+    """Every `checkpoint_*/checkpoint.pt` under `folder`, newest first: (state, path) for each loadable one and a
+    line for each that is not (missing or truncated: never resumed from, never kept)."""
     selector = pyarrow.fs.FileSelector(folder, allow_not_found=True)
     folders = sorted(
         (
@@ -225,15 +233,26 @@ def newest_intact_state(fs: pyarrow.fs.FileSystem, folder: str) -> tuple[tuple[d
         ),
         reverse=True,
     )
-    skipped = []
     for checkpoint in folders:  # names end in the zero-padded update count: newest first
         path = f"{checkpoint}/{CHECKPOINT_FILE}"
         try:
             with fs.open_input_file(path) as f:
-                return (load(io.BytesIO(f.read())), path), skipped  # on CPU: RNG states must stay there
+                state = load(io.BytesIO(f.read()))  # on CPU: RNG states must stay there
         except (OSError, ValueError) as e:  # missing, or not a complete checkpoint
             problem = "missing" if isinstance(e, FileNotFoundError) else str(e).partition(": ")[2] or str(e)
-            skipped.append(f"checkpoint {path} is corrupt or half-written ({problem}): skipped for the one before it")
+            yield f"checkpoint {path} is corrupt or half-written ({problem})"
+            continue
+        yield state, path
+
+
+def newest_intact_state(fs: pyarrow.fs.FileSystem, folder: str) -> tuple[tuple[dict, str] | None, list[str]]:
+    """The newest loadable `checkpoint_*/checkpoint.pt` under `folder` and its path, and a line for each newer one
+    that could not be read."""
+    skipped = []
+    for found in intact_states(fs, folder):
+        if not isinstance(found, str):
+            return found, skipped
+        skipped.append(f"{found}: skipped for the one before it")
     return None, skipped
 
 
@@ -307,7 +326,7 @@ def train(config: dict) -> dict:
         attempt = AttemptLog.start(storage, world_size, trainer.plan.idle_slots(world_size), state)
         print(attempt.line(trainer.plan.micro_per_update), flush=True)
     hooks = RayHooks(
-        rank, world_size, config["tracking_uri"], config["run_id"], config["crash_at_update"], config.get("inspect"),
+        rank, world_size, config["tracking_uri"], config["run_id"], config["faults"], config.get("inspect"),
         attempt,
     )  # fmt: skip
     hooks.log_start(trainer.update)
