@@ -272,6 +272,20 @@ def write_snapshots(result: ray.train.Result, out: Path) -> list[dict]:
     return index
 
 
+def time_breakdown(summary: dict, wall_time: float) -> dict[str, float]:
+    """Where the stage's wall time went: start-up (stage start to the first update: Ray, the data to the workers,
+    the model, the epoch's batch plan), rank 0's loop by part (transformer.progress.TimeLedger: the first update,
+    the steps, and each thing around them), and the rest (restarts, writing the outputs)."""
+    parts = {"startup": summary.get("startup_s") or 0.0, **(summary.get("time_s") or {})}
+    parts["other"] = max(wall_time - sum(parts.values()), 0.0)
+    return {k: round(v, 1) for k, v in parts.items()}
+
+
+def time_line(time_s: dict[str, float]) -> str:
+    wall = max(sum(time_s.values()), 1e-9)
+    return "time: " + " | ".join(f"{k} {v:,.1f} s ({100 * v / wall:.1f}%)" for k, v in time_s.items() if v)
+
+
 def final_metrics(summary: dict, wall_time: float, elastic: dict) -> dict:
     """The run's numbers; `elastic` (elastic.summarise): its worker-group starts, sizes, restarts and losses."""
     return {
@@ -291,6 +305,8 @@ def final_metrics(summary: dict, wall_time: float, elastic: dict) -> dict:
         "workers": len(summary.get("worker_nodes") or []),  # the last worker group's size
         "worker_nodes": summary.get("worker_nodes"),
         "wall_time_s": round(wall_time, 1),
+        "time_s": time_breakdown(summary, wall_time),
+        "step_share": round((summary.get("time_s") or {}).get("steps", 0.0) / max(wall_time, 1e-9), 3),
         **elastic,
     }
 
@@ -307,6 +323,8 @@ def write_outputs(result: ray.train.Result, keep: int, out: Path, snapshots: Pat
     metrics = final_metrics(summary, time.time() - stage_start, elastic) | {"snapshots": len(taken)}
     write_text_atomic(METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+    mlflow.log_metrics({f"final_time_{k}_s": v for k, v in metrics["time_s"].items()})
+    print(time_line(metrics["time_s"]), flush=True)
     mlflow.log_artifacts(str(out), artifact_path="checkpoints")
     mlflow.log_artifact(str(METRICS_FILE))
     return metrics

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformer import training
 from transformer.batching import PackedCorpus, Position
 from transformer.model import EOS_ID, make_config
+from transformer.progress import TimeLedger
 from transformer.schedule import rate
 from transformer.training import Hooks, TooManyBadUpdates, Trainer, TrainingConfig
 
@@ -318,3 +319,26 @@ def test_a_resumed_run_spends_the_rest_of_its_time_budget_and_cools_down_as_if_n
     assert rerun.lrs == pytest.approx(expected, rel=1e-6)  # the clock's share is reduced in float32
     assert [c["elapsed_s"] for c in rerun.checkpoints] == [c["elapsed_s"] for c in straight.checkpoints[1:]]
     assert all(torch.equal(trainer.module.state_dict()[k], v) for k, v in straight.checkpoints[-1]["model"].items())
+
+
+class Slow(Hooks):
+    """Hooks that take known time: each checkpoint 0.5 s, each validation hook 0.1 s."""
+
+    def on_checkpoint(self, trainer, state, metrics):
+        time.sleep(0.5)
+
+    def on_validate(self, trainer, record):
+        time.sleep(0.1)
+
+
+def test_the_time_ledger_puts_each_part_of_the_loop_in_its_place():
+    # 4 updates, a checkpoint and a validation every 2: 2 checkpoints (1 s) and 2 validations (0.2 s) in hooks; the
+    # slack is under 0.2 s, so a validation hook counted as a checkpoint (or the reverse) fails.
+    started = time.perf_counter()
+    summary = Trainer(model_cfg(), train_cfg(), tiny_corpus(), tiny_corpus(16, 1)).fit(Slow())
+    loop = time.perf_counter() - started
+    t = summary["time_s"]
+    assert set(t) == set(TimeLedger.PARTS)
+    assert 1.0 <= t["checkpoints"] < 1.0 + 0.15 and 0.2 <= t["validation_hooks"] < 0.2 + 0.15
+    assert t["first_update"] > 0 and t["steps"] > 0 and t["validation"] > 0  # 3 steps after the first
+    assert sum(t.values()) <= loop + 0.05  # rounded to 0.01 s per part

@@ -3,8 +3,10 @@ line rank 0 prints for it."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 
 
 def hms(seconds: float) -> str:
@@ -62,3 +64,26 @@ def progress_line(r: dict, tokens_per_update: float, updates_left: int, deadline
         f"{r['tokens_per_s']:,.0f} tok/s | gnorm {r['grad_norm']:.3g} | skipped {r['skipped']} | "
         f"elapsed {hms(r['elapsed_s'])} | ETA {hms(eta)}"
     )
+
+
+class TimeLedger:
+    """Wall-clock seconds of the training loop by part: the step itself (forward, loss, backward, optimiser) and
+    each thing around it, so that a run says what its time went to (metrics/train.json, `time_s`). On a GPU the
+    step's kernels run asynchronously; the step ends with a host sync (its loss sums), so they count as step time."""
+
+    PARTS = ("first_update", "steps", "batches", "update_hooks", "logging", "validation", "validation_hooks",
+             "snapshots", "checkpoints")  # fmt: skip
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in self.seconds.items()}

@@ -25,7 +25,7 @@ from transformer.batching import Batch, BatchPlan, Position, collate, fixed_batc
 from transformer.ema import WeightAverage
 from transformer.loss import LossSums, projected_label_smoothed_nll_loss
 from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer, TransformerConfig
-from transformer.progress import LogWindow, progress_line
+from transformer.progress import LogWindow, TimeLedger, progress_line
 from transformer.rng import reseed, rng_state, set_rng_state
 from transformer.schedule import make_optimizer
 
@@ -165,6 +165,7 @@ class Trainer:
         self._last_snapshot_update = -1
         self.window = LogWindow(self.scheduler.get_last_lr()[0])
         self._first_update: tuple[float, float] | None = None  # (start, seconds) of this process's first update
+        self.ledger = TimeLedger()
 
     # --- one update ---
 
@@ -335,36 +336,51 @@ class Trainer:
     def fit(self, hooks: Hooks | None = None) -> dict:
         """Train until max_updates, max_epochs or the deadline; validate and checkpoint at the end too."""
         hooks = hooks or Hooks()
-        reason = self.done()
+        reason, timed = self.done(), self.ledger.part
         while reason is None:
-            global_batch = self.plan.epoch(self.position.epoch)[self.position.index]  # the first call plans the epoch
+            with timed("batches"):
+                global_batch = self.plan.epoch(self.position.epoch)[self.position.index]  # the first plans the epoch
             started = time.time()
-            step = self.train_step(global_batch, self.clock_flags())
+            with timed("steps" if self._first_update is not None else "first_update"):
+                step = self.train_step(global_batch, self.clock_flags())
             if self._first_update is None:
                 self.first_update_done(started)
             self.accumulate(step)
-            hooks.on_update(self, step)
+            with timed("update_hooks"):
+                hooks.on_update(self, step)
             every = self.cfg.checkpoint_every_updates
             if step.applied and self.update % self.cfg.log_every_updates == 0:
-                hooks.on_log(self, self.log_record())
+                with timed("logging"):
+                    hooks.on_log(self, self.log_record())
             if step.applied and self.valid_batches and self.update % self.cfg.validate_every_updates == 0:
-                hooks.on_validate(self, self.validate())
+                self.validate_and_tell(hooks)
             # Snapshot first: the checkpoint's clock then covers the mark it took, so a run resumed from this
             # update never takes that mark again (a checkpoint write can outlast a short snapshot interval).
             if step.applied and step.flags[2]:
-                self.snapshot(hooks)
+                with timed("snapshots"):
+                    self.snapshot(hooks)
             if step.applied and ((every and self.update % every == 0) or step.flags[0]):
-                self.checkpoint(hooks)
+                with timed("checkpoints"):
+                    self.checkpoint(hooks)
             reason = "max_minutes" if step.flags[1] else self.done()
-        if self.window.tokens:
-            hooks.on_log(self, self.log_record())
+        with timed("logging"):
+            if self.window.tokens:
+                hooks.on_log(self, self.log_record())
         if self._last_valid_update != self.update and self.valid_batches:
-            hooks.on_validate(self, self.validate())
-        if self._last_checkpoint[0] != self.update:
-            self.checkpoint(hooks)
-        if self.cfg.snapshot_every_minutes is not None and self._last_snapshot_update != self.update:
-            self.snapshot(hooks, final=True)
+            self.validate_and_tell(hooks)
+        with timed("checkpoints"):
+            if self._last_checkpoint[0] != self.update:
+                self.checkpoint(hooks)
+        with timed("snapshots"):
+            if self.cfg.snapshot_every_minutes is not None and self._last_snapshot_update != self.update:
+                self.snapshot(hooks, final=True)
         return self.summary(reason)
+
+    def validate_and_tell(self, hooks: Hooks) -> None:
+        with self.ledger.part("validation"):
+            record = self.validate()
+        with self.ledger.part("validation_hooks"):  # MLflow, and the attention maps and translations drawn
+            hooks.on_validate(self, record)
 
     def first_update_done(self, started: float) -> None:
         """Say how long the start-up took (stage start to the first update: Ray, data, model, the epoch's batch
@@ -428,5 +444,6 @@ class Trainer:
             "stopped_by": reason,
             "startup_s": None if self._first_update is None else round(self._first_update[0], 2),
             "first_update_s": None if self._first_update is None else round(self._first_update[1], 2),
+            "time_s": self.ledger.rounded(),  # this worker group's loop (since its start or restart), by part
             **self.last_metrics(),
         }
