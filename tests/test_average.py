@@ -3,6 +3,7 @@
 import hashlib
 import logging
 import os
+from dataclasses import asdict
 
 import mlflow
 import pytest
@@ -10,9 +11,12 @@ import torch
 from helpers_eval import make_workspace, mlflow_store, tiny_model, write_checkpoint, write_params
 
 from pipeline import average as stage
+from pipeline.common.engines import make_translator
 from pipeline.common.layout import find_checkpoints
 from pipeline.common.params import AverageParams, ParamsError, parse_params
+from pipeline.common.pyfunc import PAPER_SEARCH
 from transformer.checkpoint import load_model, save_atomic
+from transformer.inference import SearchOptions
 
 
 def constant_checkpoints(folder, values_by_update, elapsed_s=None):
@@ -64,6 +68,20 @@ def test_stage_averages_three_constant_checkpoints_to_their_mean(workspace):
     translator = mlflow.pyfunc.load_model(run.data.tags["translator_uri"])
     out = translator.predict(["A man is walking.", "Two dogs play."], params={"beam": 2, "max_len_b": 5})
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
+
+    # The engine is a load-time choice; per-request settings reach CTranslate2's search too; the conversion goes
+    # to a temporary folder, not into the logged model.
+    ct2 = mlflow.pyfunc.load_model(
+        run.data.tags["translator_uri"], model_config={"engine": "ctranslate2", "compute_type": "float32"}
+    )
+    assert ct2.unwrap_python_model().translator.device == "ctranslate2:cpu (float32)"
+    sentences = ["A man is walking.", "Two dogs play."]
+    for params in ({"beam": 2, "max_len_b": 5}, {"beam": 1, "max_len_b": 3}):
+        options = SearchOptions(**{**asdict(PAPER_SEARCH), **params})
+        direct = make_translator(["models/average.pt"], options, device="cpu", engine="ctranslate2",
+                                 compute_type="float32", ct2_folder=workspace / "direct-ct2")  # fmt: skip
+        assert ct2.predict(sentences, params=params) == direct.translate(sentences)
+    assert not list(workspace.rglob("ct2"))  # only direct-ct2, the direct translator's
 
 
 def test_last_is_by_update_number_not_mtime(tmp_path):

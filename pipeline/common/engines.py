@@ -23,11 +23,12 @@ ENGINES = ("torch", "ctranslate2")
 log = logging.getLogger("pipeline.engines")
 
 
-def converted_model(model_file: Path) -> Path:
+def converted_model(model_file: Path, folder: Path | None = None) -> Path:
     """The CTranslate2 model of `model_file` (float32 weights; a compute type quantizes them at load), converted
-    now unless a conversion of these exact bytes exists; older conversions of the same file are removed."""
+    now unless a conversion of these exact bytes exists; older conversions of the same file are removed. In
+    `folder`, by default `ct2/` beside the model file."""
     model_file = Path(model_file)
-    folder = model_file.parent / "ct2"
+    folder = model_file.parent / "ct2" if folder is None else Path(folder)
     target = folder / f"{model_file.stem}-{file_sha256(model_file)[:16]}"
     if not (target / "model.bin").is_file():
         log.info("converting %s to a CTranslate2 model in %s", model_file, target)
@@ -38,11 +39,10 @@ def converted_model(model_file: Path) -> Path:
     return target
 
 
-def ct2_search(engine: CT2Translator, options: SearchOptions):
+def ct2_search(engine: CT2Translator):
     """CTranslate2's search of one batch, with the torch engine's beam, α, length penalty and length rule."""
-    o = options
 
-    def search(sources: Sequence[Sequence[int]]) -> list[list[int]]:
+    def search(sources: Sequence[Sequence[int]], o: SearchOptions) -> list[list[int]]:
         found = engine.search(sources, beam=o.beam, alpha=o.alpha, max_len_a=o.max_len_a, max_len_b=o.max_len_b)
         return [hyps[0].tokens for hyps in found]
 
@@ -56,8 +56,10 @@ def make_translator(
     engine: str = "torch",
     compute_type: str = "default",
     spm_path: str | Path | None = None,
+    ct2_folder: Path | None = None,
 ) -> Translator:
-    """A Translator of one model file (or an ensemble, torch engine only) on the chosen engine."""
+    """A Translator of one model file (or an ensemble, torch engine only) on the chosen engine; the CTranslate2
+    model converted into `ct2_folder` (converted_model's default: beside the model file)."""
     if engine not in ENGINES:
         raise ValueError(f"decode.engine: unknown engine '{engine}'; choose one of {ENGINES}")
     if engine == "torch":
@@ -71,7 +73,7 @@ def make_translator(
     # The torch model stays on the CPU: it gives the vocabulary, the source cap and the sentencepiece model.
     translator = Translator.from_file(models[0], options, device="cpu", spm_path=spm_path)
     where = "cuda" if device == "auto" and resolve_device("auto").type == "cuda" else device
-    ct2 = CT2Translator(converted_model(Path(models[0])), device=where, compute_type=compute_type)
-    translator.engine_search = ct2_search(ct2, options)
+    ct2 = CT2Translator(converted_model(Path(models[0]), ct2_folder), device=where, compute_type=compute_type)
+    translator.engine_search = ct2_search(ct2)
     translator.device = f"ctranslate2:{ct2.device} ({ct2.compute_type})"
     return translator

@@ -3,18 +3,26 @@
     model = mlflow.pyfunc.load_model(uri)
     model.predict(["A sentence."])                      # -> ["Ein Satz."]
     model.predict(["A sentence."], params={"beam": 1})   # per-request search settings
+    mlflow.pyfunc.load_model(uri, model_config={"engine": "ctranslate2", "compute_type": "int8"})  # another engine
     mlflow models serve -m URI --env-manager local -h 127.0.0.1 -p 5001
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d '{"inputs": ["A sentence."]}'
 
 The model directory carries the model file and the sentencepiece model as artifacts and this project's
 `pipeline/` and `transformer/` packages as code, so it loads wherever torch and sentencepiece are installed.
+The engine is chosen at load time (model_config `engine`: torch | ctranslate2, and `compute_type`, as the
+decode stage's keys); CTranslate2 converts the model file at load into a temporary folder, never into the
+model's artifacts, which may be a read-only store.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import ctranslate2
 import mlflow
 import numpy as np
 import pandas as pd
@@ -23,6 +31,7 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+from pipeline.common.engines import make_translator
 from pipeline.common.translator import Translator
 from transformer.inference import SearchOptions
 
@@ -30,6 +39,7 @@ PAPER_SEARCH = SearchOptions()  # §6.1
 
 REPO = Path(__file__).resolve().parents[2]  # pipeline/common/ -> the repository
 MODEL_NAME = "translator"
+ENGINE_DEFAULTS = {"engine": "torch", "compute_type": "default"}  # as decode.engine and decode.compute_type
 _PARAM_TYPES = {int: "long", float: "double"}
 
 
@@ -58,15 +68,21 @@ class TranslationModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         config = dict(context.model_config or {})
         self.defaults = SearchOptions(**{f.name: config[f.name] for f in fields(SearchOptions) if f.name in config})
-        self.translator = Translator.from_file(
-            context.artifacts["model"], self.defaults, spm_path=context.artifacts["spm"]
-        )
+        engine, compute_type = (config.get(k, v) for k, v in ENGINE_DEFAULTS.items())
+        ct2_folder = None
+        if engine == "ctranslate2":
+            ct2_folder = Path(tempfile.mkdtemp(prefix="translator-ct2-"))
+            weakref.finalize(self, shutil.rmtree, ct2_folder, ignore_errors=True)
+        self.translator = make_translator(
+            [context.artifacts["model"]], self.defaults, engine=engine, compute_type=compute_type,
+            spm_path=context.artifacts["spm"], ct2_folder=ct2_folder,
+        )  # fmt: skip
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         options = SearchOptions(**{**asdict(self.defaults), **(params or {})})
         # A Translator per request (it is only a view of the shared model): concurrent requests in a
         # server may ask for different settings.
-        translator = Translator(self.translator.model, self.translator.sp, options)
+        translator = Translator(self.translator.model, self.translator.sp, options, self.translator.engine_search)
         return translator.translate(as_sentences(model_input))
 
 
@@ -79,13 +95,16 @@ def log_translation_model(
         python_model=Path(__file__),  # "models from code": nothing pickled; this file defines the model
         artifacts={"model": str(model_file), "spm": str(spm_file)},
         code_paths=[str(REPO / "pipeline"), str(REPO / "transformer")],
-        model_config=asdict(options),
+        # Every key a loader may override must be here (MLflow ignores the others): the search defaults and the
+        # engine, which `load_model(uri, model_config=...)` or MLFLOW_PYFUNC_INFERENCE_CONFIG can change.
+        model_config={**asdict(options), **ENGINE_DEFAULTS},
         signature=signature(options),
         input_example=["A sentence."],
         # Stated, not inferred: inference would load and run the model in a subprocess.
         pip_requirements=[
             f"torch=={torch.__version__.split('+')[0]}",
             f"sentencepiece=={sentencepiece.__version__}",
+            f"ctranslate2=={ctranslate2.__version__}",  # model_config engine: ctranslate2
             f"mlflow=={mlflow.__version__}",
         ],
         metadata={"source_lang": languages["source"], "target_lang": languages["target"]},

@@ -89,10 +89,10 @@ class Translator:
         model: Transformer | Ensemble,
         sp: spm.SentencePieceProcessor,
         options: SearchOptions,
-        search: Callable[[Sequence[Sequence[int]]], list[list[int]]] | None = None,
+        search: Callable[[Sequence[Sequence[int]], SearchOptions], list[list[int]]] | None = None,
     ):
-        """`search`: another engine's search of one batch of source ids (pipeline/common/engines.py); default
-        this library's beam search over `model`."""
+        """`search(sources, options)`: another engine's search of one batch of source ids with these settings
+        (pipeline/common/engines.py); default this library's beam search over `model`."""
         self.model, self.sp, self.options, self.engine_search = model, sp, options, search
         self.device = next(model.parameters()).device
         if sp.get_piece_size() != model.cfg.vocab_size:
@@ -119,7 +119,7 @@ class Translator:
     def search(self, sources: Sequence[Sequence[int]]) -> list[list[int]]:
         """Best hypothesis (token ids, no bos/eos) for each source, same order, as one batch."""
         if self.engine_search is not None:
-            return self.engine_search(sources)
+            return self.engine_search(sources, self.options)
         return search_batch(self.model, sources, self.options)
 
     def translate(self, sentences: Sequence[str], progress: Callable[[int], object] | None = None) -> list[str]:
