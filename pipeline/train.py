@@ -172,9 +172,13 @@ def inspection_config(params: Params, raw: Path | None, bpe: Path | None) -> dic
     return {"spm": proto, "samples": [(s.source, s.reference) for s in samples]} if samples else None
 
 
-def fit(params: Params, data: Path, run_id: str, stage_start: float, inspect: dict | None = None) -> ray.train.Result:
+def fit(
+    params: Params, data: Path, run_id: str, marks: dict[str, float], inspect: dict | None = None
+) -> ray.train.Result:
     """Run (or resume) the Ray Train run of this configuration; an error that ends it without a retry is raised
-    as the worker or the controller said it (failures.reason)."""
+    as the worker or the controller said it (failures.reason). `marks`: the stage's start-up milestones so far
+    (this adds `fit_called`)."""
+    stage_start = marks["stage_start"]
     meta, train_data, valid_data = load_data(data)
     model_cfg = make_config(params.model.arch, meta["vocab_size"], **params.model.overrides())
     train = params.train
@@ -207,6 +211,7 @@ def fit(params: Params, data: Path, run_id: str, stage_start: float, inspect: di
             callbacks=[FailFast()] + ([WaitLimit(wait * 60, wanted(scaling_config, train.workers))] if wait else []),
         ),
     )
+    marks["fit_called"] = time.time()
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
@@ -272,11 +277,22 @@ def write_snapshots(result: ray.train.Result, out: Path) -> list[dict]:
     return index
 
 
-def time_breakdown(summary: dict, wall_time: float) -> dict[str, float]:
-    """Where the stage's wall time went: start-up (stage start to the first update: Ray, the data to the workers,
-    the model, the epoch's batch plan), rank 0's loop by part (transformer.progress.TimeLedger: the first update,
-    the steps, and each thing around them), and the rest (restarts, writing the outputs)."""
-    parts = {"startup": summary.get("startup_s") or 0.0, **(summary.get("time_s") or {})}
+def time_breakdown(summary: dict, wall_time: float, marks: dict[str, float]) -> dict[str, float]:
+    """Where the stage's wall time went: start-up by step (`marks`: the stage's start, Ray up, the driver's data in
+    Ray's object store; rank 0's milestones in `summary["startup_marks"]`; the first update's start), rank 0's
+    loop by part (transformer.progress.TimeLedger: the first update, the steps, and each thing around them), and
+    the rest (restarts, writing the outputs)."""
+    worker = summary.get("startup_marks") or {}
+    steps = [("ray_init", "ray_up"), ("driver_data", "fit_called"), ("worker_group_start", "worker_entered"),
+             ("data_to_worker", "data_fetched"), ("model_and_resume", "trainer_ready")]  # fmt: skip
+    times, parts = {**marks, **worker}, {}
+    previous = times["stage_start"]
+    for name, mark in steps:
+        if mark in times:
+            parts[name], previous = max(times[mark] - previous, 0.0), times[mark]
+    if summary.get("startup_s") is not None:  # the first epoch's batch plan and the first batch, up to the update
+        parts["first_batch"] = max(times["stage_start"] + summary["startup_s"] - previous, 0.0)
+    parts |= summary.get("time_s") or {}
     parts["other"] = max(wall_time - sum(parts.values()), 0.0)
     return {k: round(v, 1) for k, v in parts.items()}
 
@@ -286,7 +302,7 @@ def time_line(time_s: dict[str, float]) -> str:
     return "time: " + " | ".join(f"{k} {v:,.1f} s ({100 * v / wall:.1f}%)" for k, v in time_s.items() if v)
 
 
-def final_metrics(summary: dict, wall_time: float, elastic: dict) -> dict:
+def final_metrics(summary: dict, wall_time: float, elastic: dict, marks: dict[str, float]) -> dict:
     """The run's numbers; `elastic` (elastic.summarise): its worker-group starts, sizes, restarts and losses."""
     return {
         "train_loss": summary.get("loss"),
@@ -305,13 +321,13 @@ def final_metrics(summary: dict, wall_time: float, elastic: dict) -> dict:
         "workers": len(summary.get("worker_nodes") or []),  # the last worker group's size
         "worker_nodes": summary.get("worker_nodes"),
         "wall_time_s": round(wall_time, 1),
-        "time_s": time_breakdown(summary, wall_time),
+        "time_s": time_breakdown(summary, wall_time, marks),
         "step_share": round((summary.get("time_s") or {}).get("steps", 0.0) / max(wall_time, 1e-9), 3),
         **elastic,
     }
 
 
-def write_outputs(result: ray.train.Result, keep: int, out: Path, snapshots: Path, stage_start: float) -> dict:
+def write_outputs(result: ray.train.Result, keep: int, out: Path, snapshots: Path, marks: dict[str, float]) -> dict:
     if result.return_value is None:
         raise RuntimeError(f"Ray Train run {result.path} returned nothing from rank 0 (see the log above)")
     summary, history = result.return_value["summary"], result.return_value["history"]
@@ -320,7 +336,8 @@ def write_outputs(result: ray.train.Result, keep: int, out: Path, snapshots: Pat
     write_csv_atomic(TRAIN_PLOT, history["train"], ("update", "loss", "nll", "ppl", "lr", "tokens_per_s", "grad_norm"))
     write_csv_atomic(VALID_PLOT, history["valid"], ("update", "valid_loss", "valid_nll", "valid_ppl"))
     elastic = summarise(read_attempts(result.filesystem, result.path))
-    metrics = final_metrics(summary, time.time() - stage_start, elastic) | {"snapshots": len(taken)}
+    wall_time = time.time() - marks["stage_start"]
+    metrics = final_metrics(summary, wall_time, elastic, marks) | {"snapshots": len(taken)}
     write_text_atomic(METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)})
     mlflow.log_metrics({f"final_time_{k}_s": v for k, v in metrics["time_s"].items()})
@@ -342,10 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params()
     inspect = inspection_config(params, args.raw, args.bpe)
     init_ray(params.train)
+    marks = {"stage_start": stage_start, "ray_up": time.time()}
     try:
         with stage_run("train", params, ("model", "train")) as run:
-            result = fit(params, args.data, run.info.run_id, stage_start, inspect)
-            metrics = write_outputs(result, params.train.keep_checkpoints, args.out, args.snapshots, stage_start)
+            result = fit(params, args.data, run.info.run_id, marks, inspect)
+            metrics = write_outputs(result, params.train.keep_checkpoints, args.out, args.snapshots, marks)
     finally:
         ray.shutdown()
     print(json.dumps(metrics, indent=2))

@@ -229,6 +229,8 @@ def test_killed_stage_resumes_when_rerun_and_ends_bit_exact(tmp_path):
     metrics = json.loads((root / "metrics/train.json").read_text())
     assert metrics["updates"] == 12
     assert metrics["resumed_from_update"] == 6
+    assert sum(metrics["time_s"].values()) == pytest.approx(metrics["wall_time_s"], abs=0.1 * len(metrics["time_s"]))
+    assert metrics["time_s"]["checkpoints"] > 0 and metrics["time_s"]["snapshots"] > 0 and metrics["step_share"] > 0
     ref, ref_weights = reference(12, 0.2, ema_decay=0.9)
     kept = sorted((root / "models/checkpoints").glob("checkpoint_*.pt"))
     assert [load(f)["update"] for f in kept] == [3, 6, 9, 12]  # 3 and 6 of the killed stage, 9 and 12 of the rerun
@@ -246,6 +248,22 @@ def test_killed_stage_resumes_when_rerun_and_ends_bit_exact(tmp_path):
     assert updates == sorted(set(updates)) and updates[-1] == 12
     assert updates[0] <= metrics["resumed_from_update"] < updates[-1]
     assert marks == sorted(set(marks))
+
+
+def test_the_stage_time_adds_up_from_its_milestones_and_the_loop_ledger():
+    from pipeline.train import time_breakdown
+
+    marks = {"stage_start": 100.0, "ray_up": 104.0, "fit_called": 106.0}
+    worker = {"worker_entered": 115.0, "data_fetched": 116.0, "trainer_ready": 118.0}
+    loop = {"first_update": 1.0, "steps": 50.0, "checkpoints": 3.0}
+    summary = {"startup_marks": worker, "startup_s": 20.0, "time_s": loop}  # the first update started at 120
+    parts = time_breakdown(summary, 80.0, marks)
+    assert parts == {
+        "ray_init": 4.0, "driver_data": 2.0, "worker_group_start": 9.0, "data_to_worker": 1.0,
+        "model_and_resume": 2.0, "first_batch": 2.0, "first_update": 1.0, "steps": 50.0, "checkpoints": 3.0,
+        "other": 6.0,
+    }  # fmt: skip
+    assert sum(parts.values()) == 80.0
 
 
 def test_a_rerun_resumes_only_a_run_of_the_same_trajectory(tmp_path):

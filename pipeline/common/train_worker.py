@@ -300,11 +300,13 @@ def train_loop_per_worker(config: dict) -> dict:
 
 
 def train(config: dict) -> dict:
+    marks = {"worker_entered": time.time()}  # start-up milestones, on this node's clock (the stage's, locally)
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     train_data = PackedCorpus.from_arrays(ray.get(config["train_ref"]))
     valid_data = PackedCorpus.from_arrays(ray.get(config["valid_ref"])) if config["valid_ref"] is not None else None
+    marks["data_fetched"] = time.time()
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(module, move_to_device=False)
@@ -330,10 +332,12 @@ def train(config: dict) -> dict:
         attempt,
     )  # fmt: skip
     hooks.log_start(trainer.update)
+    marks["trainer_ready"] = time.time()
     try:
         summary = trainer.fit(hooks)
     finally:
         hooks.close()
     summary["resumed_from"] = None if state is None else state["update"]
     summary["worker_nodes"] = worker_nodes(world_size)
+    summary["startup_marks"] = marks
     return {"summary": summary, "history": trainer.history}
