@@ -119,7 +119,10 @@ def init_ray(train: TrainParams) -> None:
         code = [str(repo / "transformer"), str(repo / "pipeline")]
         ray.init(runtime_env={"py_modules": code, "env_vars": WORKER_ENV})
         return
-    os.environ.update(WORKER_ENV)  # a local Ray's processes inherit the driver's environment
+    # A local Ray's processes inherit the driver's environment. Ray Train's preemption watcher (an actor process
+    # more to start, on a machine where start-up is seconds of CPU) watches for nodes being drained, which nothing
+    # does to a local Ray; on a cluster (RAY_ADDRESS) it stays on.
+    os.environ.update(WORKER_ENV | {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"})
     workers = train.workers[1] if isinstance(train.workers, tuple) else 1 if train.workers == "auto" else train.workers
     gpus = torch.cuda.device_count()
     # address="local": a Ray of its own even when another one runs on this machine (another experiment, `ray

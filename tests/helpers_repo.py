@@ -44,6 +44,7 @@ def dvc_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env |= {"DVC_NO_ANALYTICS": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env |= {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}  # as tests/test_train_stage.py's FAST_POLL says
     return env
 
 

@@ -205,7 +205,15 @@ def test_an_elastic_run_loses_a_node_and_grows_back_to_the_weights_of_one_worker
     params = yaml.safe_load((root / "params.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump({**params, "model": {**MODEL, "dropout": 0.1}}))
     # Ray's view of the cluster lags node loss by up to 20 s: a group of the old size is tried first, for this long.
-    env = stage_env(root, {"RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"})
+    # The default 2 s poll (not the tests' 0.5 s): each update waits for it, so the run outlasts the changes.
+    env = stage_env(
+        root,
+        {
+            "RAY_ADDRESS": cluster.address,
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2",
+        },
+    )
     log = root / "stage.log"
     t0 = time.time()
     with open(log, "w") as out:

@@ -94,8 +94,14 @@ def tracking_uri(root: Path) -> str:
     return f"sqlite:///{root}/mlflow.db"
 
 
+# Ray Train's controller takes a worker's report at its next poll of the workers (every 2 s by default), and a
+# worker's second report waits for the first to be taken: tiny runs that checkpoint every few updates spent most
+# of their time waiting. Polled every 0.5 s here; the semantics are the same.
+FAST_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
 def stage_env(root: Path, extra_env: dict | None = None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": tracking_uri(root)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": tracking_uri(root), **FAST_POLL}
     env.pop("RAY_ADDRESS", None)
     return {**env, **(extra_env or {})}
 
@@ -230,7 +236,8 @@ def test_killed_stage_resumes_when_rerun_and_ends_bit_exact(tmp_path):
     assert metrics["updates"] == 12
     assert metrics["resumed_from_update"] == 6
     assert sum(metrics["time_s"].values()) == pytest.approx(metrics["wall_time_s"], abs=0.1 * len(metrics["time_s"]))
-    assert metrics["time_s"]["checkpoints"] > 0 and metrics["time_s"]["snapshots"] > 0 and metrics["step_share"] > 0
+    assert {"ray_init", "worker_group_start", "steps", "checkpoints", "snapshots"} <= set(metrics["time_s"])
+    assert 0 < metrics["step_share"] < 1
     ref, ref_weights = reference(12, 0.2, ema_decay=0.9)
     kept = sorted((root / "models/checkpoints").glob("checkpoint_*.pt"))
     assert [load(f)["update"] for f in kept] == [3, 6, 9, 12]  # 3 and 6 of the killed stage, 9 and 12 of the rerun
