@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 # Read by Ray when it is imported. A local Ray has no dashboard (not in ray[train]), hence no state API, and
@@ -231,19 +232,20 @@ def _count(model_cfg) -> int:
         return Transformer(model_cfg).num_parameters()
 
 
-def write_checkpoints(result: ray.train.Result, keep: int, last_update: int, out: Path) -> list[int]:
-    """Weights, config and update of the run's newest `keep` intact training states, oldest first (no optimiser:
-    resume state stays in Ray's storage); with train.ema_decay, also the moving average's weights (`ema`, a
-    state_dict like `model`). Read from the run's storage, not from Ray's registry of reported checkpoints: a stage
-    killed after rank 0 persisted a checkpoint but before Ray's controller registered it resumes from that
-    checkpoint (train_worker.restored_state), which Ray's result then never lists."""
+def write_checkpoints(found: Iterable[tuple[dict, str] | str], keep: int, last_update: int, out: Path) -> list[int]:
+    """Weights, config and update of the newest `keep` intact training states of `found` (newest first, as
+    `train_worker.intact_states` lists a run's storage; a line for each unreadable one), written oldest first (no
+    optimiser: resume state stays in Ray's storage); with train.ema_decay, also the moving average's weights
+    (`ema`, a state_dict like `model`). The stage reads them from the run's storage, not from Ray's registry of
+    reported checkpoints: a stage killed after rank 0 persisted a checkpoint but before Ray's controller registered
+    it resumes from that checkpoint (train_worker.restored_state), which Ray's result then never lists."""
     written: list[int] = []
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        for found in intact_states(result.filesystem, result.path):  # newest first, one state in memory at a time
-            if isinstance(found, str):
+        for state in found:  # newest first, one state in memory at a time
+            if isinstance(state, str):
                 continue
-            s, path = found
+            s, path = state
             if not written and s["update"] != last_update:
                 raise RuntimeError(
                     f"training ended at update {last_update}, but the newest intact checkpoint of the run is "
@@ -257,7 +259,7 @@ def write_checkpoints(result: ray.train.Result, keep: int, last_update: int, out
             if len(written) == keep:
                 break
         if not written:
-            raise RuntimeError(f"training ended at update {last_update}, but {result.path} holds no intact checkpoint")
+            raise RuntimeError(f"training ended at update {last_update}, but no intact checkpoint was found")
     return written[::-1]
 
 
@@ -334,7 +336,7 @@ def write_outputs(result: ray.train.Result, keep: int, out: Path, snapshots: Pat
     if result.return_value is None:
         raise RuntimeError(f"Ray Train run {result.path} returned nothing from rank 0 (see the log above)")
     summary, history = result.return_value["summary"], result.return_value["history"]
-    write_checkpoints(result, keep, summary["updates"], out)
+    write_checkpoints(intact_states(result.filesystem, result.path), keep, summary["updates"], out)
     taken = write_snapshots(result, snapshots)
     write_csv_atomic(TRAIN_PLOT, history["train"], ("update", "loss", "nll", "ppl", "lr", "tokens_per_s", "grad_norm"))
     write_csv_atomic(VALID_PLOT, history["valid"], ("update", "valid_loss", "valid_nll", "valid_ppl"))

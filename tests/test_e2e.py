@@ -40,17 +40,14 @@ def env():
 
 @pytest.fixture(scope="module")
 def pipeline(repo, env):
-    """Two experiments: the whole DAG, then the same decoding the valid split; a `dvc repro` in between.
-
-    (A change of beam may leave an undertrained model's output byte-identical, and DVC then rightly skips
-    `score`; a change of split changes the output for sure.)"""
+    """One experiment, the whole DAG, then a `dvc repro`. (A second experiment that changes a decode param, and
+    what DVC and MLflow make of it, is test_sweep's, through DVC's queue.)"""
     first = run(repo, env, "dvc", "exp", "run", *SMALL)
     score = json.loads((repo / "metrics" / "score.json").read_text())
     again = run(repo, env, "dvc", "repro")
-    second = run(repo, env, "dvc", "exp", "run", *SMALL, "-S", "decode.split=valid")
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["transformer-smoke"], output_format="list")
-    return {"first": first, "score": score, "again": again, "second": second, "runs": runs}
+    return {"first": first, "score": score, "again": again, "runs": runs}
 
 
 def test_first_experiment_runs_every_stage_and_scores(pipeline):
@@ -60,15 +57,14 @@ def test_first_experiment_runs_every_stage_and_scores(pipeline):
     assert 0 <= score["chrf"] <= 100
 
 
-def test_second_repro_does_nothing_and_a_decode_param_reruns_only_decode_and_score(pipeline):
+def test_a_second_repro_does_nothing(pipeline):
     assert ran(pipeline["again"]) == []
-    assert ran(pipeline["second"]) == ["decode", "score"]
 
 
 def test_mlflow_has_a_parent_per_experiment_with_every_stage(pipeline, repo):
     runs = pipeline["runs"]
     parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
-    assert len(parents) == 2  # the `dvc repro` that did nothing made no run
+    assert len(parents) == 1  # the `dvc repro` that did nothing made no run
     for parent in parents:
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert sorted(c.data.tags["stage"] for c in children) == sorted(STAGES)
@@ -79,14 +75,6 @@ def test_mlflow_has_a_parent_per_experiment_with_every_stage(pipeline, repo):
             assert child.data.params, f"{child.data.tags['stage']} has no params"
         assert {"bleu", "chrf"} <= set(parent.data.metrics)
         assert parent.info.status == "FINISHED"
-    # In the second experiment only decode and score ran; train and average link the first's runs.
-    second = max(parents, key=lambda r: r.info.start_time)
-    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == second.info.run_id}
-    assert {s for s, r in children.items() if r.data.tags["cached"] == "false"} == {"decode", "score"}
-    for stage in ("train", "average"):
-        origin = mlflow.get_run(children[stage].data.tags["linked_run_id"])
-        assert origin.data.tags["stage"] == stage and origin.info.run_id != children[stage].info.run_id
-    assert children["decode"].data.params["decode.split"] == "valid"
 
 
 def test_mlflow_holds_the_artifacts(pipeline):

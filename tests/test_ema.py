@@ -120,7 +120,8 @@ def test_the_train_stage_writes_the_moving_average_beside_the_weights(tmp_path):
     trainer = Trainer(model_cfg(), train_cfg(max_updates=2, ema_decay=0.5), tiny_corpus(), None)
     hooks = Record()
     trainer.fit(hooks)
-    write_checkpoints(hooks.checkpoints, tmp_path / "out")
+    found = [(state, f"update {state['update']}") for state in reversed(hooks.checkpoints)]  # newest first
+    assert write_checkpoints(found, 10, 2, tmp_path / "out") == [2]
     blob = load(tmp_path / "out" / "checkpoint_00000002.pt")
     assert set(blob["ema"]) == set(blob["model"])
     for k, v in trainer.ema.weights().items():

@@ -257,6 +257,24 @@ def test_killed_stage_resumes_when_rerun_and_ends_bit_exact(tmp_path):
     assert marks == sorted(set(marks))
 
 
+def test_the_kept_checkpoints_are_the_newest_intact_ones_and_must_end_where_training_did(tmp_path):
+    from pipeline.train import write_checkpoints
+
+    def state(update):
+        return {"model": {"w": torch.full((2,), float(update))}, "config": {}, "update": update, "tokens": 10 * update}
+
+    # As train_worker.intact_states lists a run's storage: newest first, a line for a half-written one.
+    found = ["checkpoint runs/x/checkpoint_00000005/checkpoint.pt is corrupt or half-written (missing)"]
+    found += [(state(u), f"runs/x/checkpoint_{u:08d}/checkpoint.pt") for u in (4, 3, 2, 1)]
+    assert write_checkpoints(iter(found), 3, 4, tmp_path / "out") == [2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"checkpoint_{u:08d}.pt" for u in (2, 3, 4)]
+    assert load(tmp_path / "out" / "checkpoint_00000004.pt")["tokens"] == 40
+    # Training ended at update 6, but the newest checkpoint is 4's: an error naming it, and nothing written.
+    with pytest.raises(RuntimeError, match="ended at update 6, .* from update 4: runs/x/checkpoint_00000004"):
+        write_checkpoints(iter(found), 3, 6, tmp_path / "stale")
+    assert not (tmp_path / "stale").exists()
+
+
 def test_the_stage_time_adds_up_from_its_milestones_and_the_loop_ledger():
     from pipeline.train import time_breakdown
 
