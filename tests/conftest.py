@@ -21,3 +21,25 @@ def mlflow_tmp_store(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture(scope="session")
+def dag(tmp_path_factory):
+    """A copy of this repository after one experiment of the whole DAG (`dvc exp run` with helpers_repo.SMALL) and a
+    `dvc repro`: test_e2e checks what it made, test_sweep queues more experiments beside it (their upstream stages
+    restored from this one's run-cache, as a sweep after a first run restores them)."""
+    import json
+
+    import mlflow
+    from helpers_repo import SMALL, copy_repository, dvc_env, run
+
+    repo = tmp_path_factory.mktemp("e2e") / "repo"
+    repo.mkdir()
+    copy_repository(repo)
+    env = dvc_env()
+    first = run(repo, env, "dvc", "exp", "run", *SMALL)
+    score = json.loads((repo / "metrics" / "score.json").read_text())
+    again = run(repo, env, "dvc", "repro")
+    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["transformer-smoke"], output_format="list")
+    return {"repo": repo, "env": env, "first": first, "score": score, "again": again, "runs": runs}

@@ -42,7 +42,7 @@ def floats(state):
     return [v for v in state.values() if v.is_floating_point()]
 
 
-def test_stage_averages_three_constant_checkpoints_to_their_mean(workspace):
+def test_stage_averages_three_constant_checkpoints_to_their_mean(workspace, monkeypatch):
     # 1, 2, 3 -> 2 in every parameter; and the file is standalone: weights, config and the BPE model.
     model = constant_checkpoints(workspace / "models" / "checkpoints", {100: 1.0, 200: 2.0, 300: 3.0})
     stage.main(["--checkpoints", "models/checkpoints", "--bpe", "data/bpe", "--out", "models/average.pt"])
@@ -82,6 +82,10 @@ def test_stage_averages_three_constant_checkpoints_to_their_mean(workspace):
                                  compute_type="float32", ct2_folder=workspace / "direct-ct2")  # fmt: skip
         assert ct2.predict(sentences, params=params) == direct.translate(sentences)
     assert not list(workspace.rglob("ct2"))  # only direct-ct2, the direct translator's
+    # `mlflow models serve` passes no model_config: MLflow takes the same keys from MLFLOW_PYFUNC_INFERENCE_CONFIG.
+    monkeypatch.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", '{"engine": "ctranslate2", "compute_type": "float32"}')
+    served = mlflow.pyfunc.load_model(run.data.tags["translator_uri"])
+    assert served.unwrap_python_model().translator.device == "ctranslate2:cpu (float32)"
 
 
 def test_last_is_by_update_number_not_mtime(tmp_path):

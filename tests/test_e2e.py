@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from helpers_repo import REPO, SMALL, STAGES, copy_repository, dvc_env, ran, run
+from helpers_repo import REPO, STAGES, ran, run
 
 pytestmark = [
     pytest.mark.slow,
@@ -26,28 +26,20 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    dest = tmp_path_factory.mktemp("e2e") / "repo"
-    dest.mkdir()
-    copy_repository(dest)
-    return dest
+def pipeline(dag):
+    """tests/conftest.py's `dag`: one experiment, the whole DAG, then a `dvc repro`. (More experiments, queued
+    beside it, and what DVC and MLflow make of them: test_sweep.)"""
+    return dag
 
 
 @pytest.fixture(scope="module")
-def env():
-    return dvc_env()
+def repo(dag):
+    return dag["repo"]
 
 
 @pytest.fixture(scope="module")
-def pipeline(repo, env):
-    """One experiment, the whole DAG, then a `dvc repro`. (A second experiment that changes a decode param, and
-    what DVC and MLflow make of it, is test_sweep's, through DVC's queue.)"""
-    first = run(repo, env, "dvc", "exp", "run", *SMALL)
-    score = json.loads((repo / "metrics" / "score.json").read_text())
-    again = run(repo, env, "dvc", "repro")
-    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["transformer-smoke"], output_format="list")
-    return {"first": first, "score": score, "again": again, "runs": runs}
+def env(dag):
+    return dag["env"]
 
 
 def test_first_experiment_runs_every_stage_and_scores(pipeline):

@@ -250,11 +250,21 @@ def test_killed_stage_resumes_when_rerun_and_ends_bit_exact(tmp_path):
         assert torch.equal(ema[k], v), k
     # One curve across the kill: the killed stage's snapshots up to the update resumed from, then the rerun's, on
     # one clock (each mark once, in update order); not only the rerun's, as when each stage start had a folder.
-    index = json.loads((root / "models/snapshots/index.json").read_text())
+    folder = root / "models/snapshots"
+    index = json.loads((folder / "index.json").read_text())
     updates, marks = [e["update"] for e in index], [e["minutes"] for e in index]
     assert updates == sorted(set(updates)) and updates[-1] == 12
     assert updates[0] <= metrics["resumed_from_update"] < updates[-1]
     assert marks == sorted(set(marks))
+    # Copied from Ray's storage with an index that lists exactly the files; regular marks are whole multiples of
+    # the interval, taken at or after the mark; the last (end of training) holds the final weights.
+    assert sorted(p.name for p in folder.glob("snapshot_*.pt")) == [e["file"] for e in index]
+    assert len(index) >= 3 and metrics["snapshots"] == len(index)
+    for e in index[:-1]:
+        assert e["minutes"] / 0.0002 == pytest.approx(round(e["minutes"] / 0.0002))
+        assert e["elapsed_minutes"] >= e["minutes"]
+    last = torch.load(folder / index[-1]["file"], weights_only=True)
+    assert last["update"] == 12 and all(torch.equal(weights[k], v) for k, v in last["model"].items())
 
 
 def test_the_kept_checkpoints_are_the_newest_intact_ones_and_must_end_where_training_did(tmp_path):
