@@ -181,7 +181,7 @@ def fit(
 ) -> ray.train.Result:
     """Run (or resume) the Ray Train run of this configuration; an error that ends it without a retry is raised
     as the worker or the controller said it (failures.reason). `marks`: the stage's start-up milestones so far
-    (this adds `fit_called`)."""
+    (this adds `fit_called` and `fit_returned`)."""
     stage_start = marks["stage_start"]
     meta, train_data, valid_data = load_data(data)
     model_cfg = make_config(params.model.arch, meta["vocab_size"], **params.model.overrides())
@@ -217,7 +217,9 @@ def fit(
     )
     marks["fit_called"] = time.time()
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        marks["fit_returned"] = time.time()
+        return result
     except ray.train.TrainingFailedError as e:
         cause = reason(e)
         if cause is e:
@@ -284,10 +286,11 @@ def write_snapshots(result: ray.train.Result, out: Path) -> list[dict]:
 
 def time_breakdown(summary: dict, wall_time: float, marks: dict[str, float]) -> dict[str, float]:
     """Where the stage's wall time went: start-up by step (`marks`: the stage's start, Ray up, the driver's data in
-    Ray's object store; rank 0's milestones in `summary["startup_marks"]`; the first update's start), rank 0's
-    loop by part (transformer.progress.TimeLedger: the first update, the steps, and each thing around them), and
-    the rest (restarts, writing the outputs)."""
-    worker = summary.get("startup_marks") or {}
+    Ray's object store; rank 0's milestones in `summary["marks"]`; the first update's start), rank 0's loop by
+    part (transformer.progress.TimeLedger: the first update, the steps, and each thing around them), the wrap-up
+    by step (rank 0 after its loop, Ray from rank 0's return to the driver's result, the driver's outputs up to
+    `wall_time`), and the rest (earlier worker groups of a restarted run)."""
+    worker = summary.get("marks") or {}
     steps = [("ray_init", "ray_up"), ("driver_data", "fit_called"), ("worker_group_start", "worker_entered"),
              ("data_to_worker", "data_fetched"), ("model_and_resume", "trainer_ready")]  # fmt: skip
     times, parts = {**marks, **worker}, {}
@@ -298,6 +301,11 @@ def time_breakdown(summary: dict, wall_time: float, marks: dict[str, float]) -> 
     if summary.get("startup_s") is not None:  # the first epoch's batch plan and the first batch, up to the update
         parts["first_batch"] = max(times["stage_start"] + summary["startup_s"] - previous, 0.0)
     parts |= summary.get("time_s") or {}
+    end = times["stage_start"] + wall_time
+    wrap_up = [("worker_wrap_up", "loop_done", "worker_done"), ("ray_wrap_up", "worker_done", "fit_returned")]
+    for name, start, stop in [*wrap_up, ("outputs", "fit_returned", None)]:
+        if start in times and (stop is None or stop in times):
+            parts[name] = max((end if stop is None else times[stop]) - times[start], 0.0)
     parts["other"] = max(wall_time - sum(parts.values()), 0.0)
     return {k: round(v, 1) for k, v in parts.items()}
 

@@ -15,6 +15,7 @@ from helpers_eval import make_workspace, mlflow_store
 from pipeline.common.inspection import (
     MAX_TOKENS,
     MIN_TOKENS,
+    OUTPUT_SLACK,
     SAMPLES_TABLE,
     Sample,
     attention_figure,
@@ -59,7 +60,8 @@ def test_inspection_gives_the_greedy_output_and_maps_cropped_to_its_tokens(works
     assert model.training  # the mode is restored
     for f, sample in zip(found, samples, strict=True):
         ids = sp.encode(sample.source) + [EOS_ID]
-        [greedy] = greedy_search(model.eval(), torch.tensor([ids]))
+        [greedy] = greedy_search(model.eval(), torch.tensor([ids]), max_len_b=OUTPUT_SLACK)
+        assert len(greedy) <= len(ids) + OUTPUT_SLACK
         model.train()
         assert f.hypothesis == sp.decode(greedy)
         S, T = len(ids), len(greedy) + 1

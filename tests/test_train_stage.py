@@ -288,17 +288,23 @@ def test_the_kept_checkpoints_are_the_newest_intact_ones_and_must_end_where_trai
 def test_the_stage_time_adds_up_from_its_milestones_and_the_loop_ledger():
     from pipeline.train import time_breakdown
 
-    marks = {"stage_start": 100.0, "ray_up": 104.0, "fit_called": 106.0}
+    marks = {"stage_start": 100.0, "ray_up": 104.0, "fit_called": 106.0, "fit_returned": 181.0}
     worker = {"worker_entered": 115.0, "data_fetched": 116.0, "trainer_ready": 118.0}
+    worker |= {"loop_done": 174.0, "worker_done": 175.5}
     loop = {"first_update": 1.0, "steps": 50.0, "checkpoints": 3.0}
-    summary = {"startup_marks": worker, "startup_s": 20.0, "time_s": loop}  # the first update started at 120
-    parts = time_breakdown(summary, 80.0, marks)
+    summary = {"marks": worker, "startup_s": 20.0, "time_s": loop}  # the first update started at 120
+    parts = time_breakdown(summary, 85.0, marks)  # the outputs were written at 185
     assert parts == {
         "ray_init": 4.0, "driver_data": 2.0, "worker_group_start": 9.0, "data_to_worker": 1.0,
         "model_and_resume": 2.0, "first_batch": 2.0, "first_update": 1.0, "steps": 50.0, "checkpoints": 3.0,
-        "other": 6.0,
+        "worker_wrap_up": 1.5, "ray_wrap_up": 5.5, "outputs": 4.0, "other": 0.0,
     }  # fmt: skip
-    assert sum(parts.values()) == 80.0
+    assert sum(parts.values()) == 85.0
+    # A loop that did not say where it ended (a worker of an older version): the wrap-up stays in "other".
+    del worker["loop_done"], worker["worker_done"]
+    parts = time_breakdown(summary, 85.0, marks)
+    assert "worker_wrap_up" not in parts and "ray_wrap_up" not in parts
+    assert parts["outputs"] == 4.0 and parts["other"] == 7.0
 
 
 def test_a_rerun_resumes_only_a_run_of_the_same_trajectory(tmp_path):

@@ -3,8 +3,9 @@ sentences, logged to MLflow (the train stage at every validation, the average st
 
 - `choose_samples`: the first `count` validation pairs whose source has 4..20 BPE tokens, so the axes stay
   readable; the same sentences for every validation of a run and for every run on the same data.
-- `inspect_model`: greedy output of each (what the model would say now), then the attention maps of one
-  teacher-forced pass over that output (`transformer.attention_maps`; the cached decode gives the same maps).
+- `inspect_model`: greedy output of each (what the model would say now, at most OUTPUT_SLACK tokens longer than
+  its source), then the attention maps of one teacher-forced pass over that output (`transformer.attention_maps`;
+  the cached decode gives the same maps).
 - `attention_figure`: one grid per layer: rows encoder self-attention, decoder self-attention, decoder-encoder
   attention; one column per head; tokens on the axes. `cross_attention_figure`: every layer's cross-attention.
   (`translate --show-attention OUT.png` draws it for one sentence from the command line.)
@@ -32,6 +33,10 @@ from transformer.search import greedy_search
 
 SAMPLES_TABLE = "samples.json"
 MIN_TOKENS, MAX_TOKENS = 4, 20  # BPE tokens of the source: long enough to say something, short enough to read
+# The greedy output is cut this many tokens beyond its source's length (not the search's +50): a trained model's
+# translations of such short sentences fit; an undertrained one's loops made grids of ~70 labels a side, unreadable,
+# each taking seconds to draw (the smoke demo's train stage waited ~22 s at its end for them).
+OUTPUT_SLACK = 10
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ def inspect_model(
         device = next(model.parameters()).device
         sources = [source_tokens(sp.encode(s.source), model.cfg.max_positions) for s in samples]
         src = pad_right(sources).to(device)  # (B, S)
-        hyps = search(sources) if search is not None else greedy_search(model, src)
+        hyps = search(sources) if search is not None else greedy_search(model, src, max_len_b=OUTPUT_SLACK)
         outputs = [h + [EOS_ID] for h in hyps]
         maps = teacher_forced_maps(model, src, pad_right(outputs).to(device))
     finally:
@@ -111,7 +116,10 @@ def _heatmap(ax, weights: torch.Tensor, x_labels: list[str], y_labels: list[str]
     ax.imshow(weights.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
     ax.set_title(title, fontsize=7)
     ax.set_xticks(range(len(x_labels)), x_labels, rotation=90, fontsize=5)
-    ax.set_yticks(range(len(y_labels)), y_labels if first else [], fontsize=5)
+    if first:  # ticks without labels would still cost matplotlib a Tick object each
+        ax.set_yticks(range(len(y_labels)), y_labels, fontsize=5)
+    else:
+        ax.set_yticks([])
 
 
 def attention_figure(inspection: Inspection, layer: int, title: str) -> Figure:

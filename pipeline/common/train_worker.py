@@ -300,7 +300,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
 
 def train(config: dict) -> dict:
-    marks = {"worker_entered": time.time()}  # start-up milestones, on this node's clock (the stage's, locally)
+    marks = {"worker_entered": time.time()}  # milestones, on this node's clock (the stage's, locally)
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -335,9 +335,11 @@ def train(config: dict) -> dict:
     marks["trainer_ready"] = time.time()
     try:
         summary = trainer.fit(hooks)
+        marks["loop_done"] = time.time()
     finally:
         hooks.close()
     summary["resumed_from"] = None if state is None else state["update"]
     summary["worker_nodes"] = worker_nodes(world_size)
-    summary["startup_marks"] = marks
+    marks["worker_done"] = time.time()
+    summary["marks"] = marks
     return {"summary": summary, "history": trainer.history}
