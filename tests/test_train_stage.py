@@ -237,7 +237,7 @@ def test_killed_stage_resumes_when_rerun_and_ends_bit_exact(tmp_path):
     assert metrics["resumed_from_update"] == 6
     assert sum(metrics["time_s"].values()) == pytest.approx(metrics["wall_time_s"], abs=0.1 * len(metrics["time_s"]))
     assert {"ray_init", "worker_group_start", "steps", "checkpoints", "snapshots"} <= set(metrics["time_s"])
-    assert 0 < metrics["step_share"] < 1
+    assert 0 <= metrics["step_share"] < 1  # 6 tiny updates in ~25 s: a share that rounds to 0.001 or 0.0
     ref, ref_weights = reference(12, 0.2, ema_decay=0.9)
     kept = sorted((root / "models/checkpoints").glob("checkpoint_*.pt"))
     assert [load(f)["update"] for f in kept] == [3, 6, 9, 12]  # 3 and 6 of the killed stage, 9 and 12 of the rerun
