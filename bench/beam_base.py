@@ -29,7 +29,7 @@ from pipeline.common.ct2_engine import CT2Translator
 from pipeline.common.engines import converted_model
 from transformer.beam_search import beam_search
 from transformer.checkpoint import save_model
-from transformer.model import EOS_ID, Transformer, make_config
+from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer, make_config
 
 VOCAB = 37_000
 
@@ -63,7 +63,7 @@ def run_ct2_own(engine: CT2Translator, src, batches, n: int, beam: int) -> list[
     """CTranslate2's own search alone: the same per-limit calls as CT2Translator.search, the 1-best taken as
     CTranslate2 ranks it, no re-scoring of hypotheses it cut at the limit (what exactness costs, by difference)."""
     out: list[list[int]] = [[] for _ in range(n)]
-    suppress = [[engine.tokens[0]], [engine.tokens[2]]]  # pad, bos
+    suppress = [[engine.tokens[PAD_ID]], [engine.tokens[BOS_ID]]]
     for idx, _ in batches:
         groups: dict[int, list[int]] = {}
         for i in idx:
