@@ -29,7 +29,7 @@ from pipeline.common.ct2_engine import CT2Translator
 from pipeline.common.engines import converted_model
 from transformer.beam_search import beam_search
 from transformer.checkpoint import save_model
-from transformer.model import BOS_ID, EOS_ID, PAD_ID, Transformer, make_config
+from transformer.model import EOS_ID, Transformer, make_config
 
 VOCAB = 37_000
 
@@ -63,18 +63,15 @@ def run_ct2_own(engine: CT2Translator, src, batches, n: int, beam: int) -> list[
     """CTranslate2's own search alone: the same per-limit calls as CT2Translator.search, the 1-best taken as
     CTranslate2 ranks it, no re-scoring of hypotheses it cut at the limit (what exactness costs, by difference)."""
     out: list[list[int]] = [[] for _ in range(n)]
-    suppress = [[engine.tokens[PAD_ID]], [engine.tokens[BOS_ID]]]
     for idx, _ in batches:
-        groups: dict[int, list[int]] = {}
-        for i in idx:
-            groups.setdefault(engine.max_output_length(len(src[i]), 1.0, 0), []).append(i)
-        for limit, members in groups.items():
+        batch = [src[i] for i in idx]
+        for limit, members in engine.limit_groups(batch, 1.0, 0).items():
             results = engine.translator.translate_batch(
-                [engine._source_tokens(src[i]) for i in members], beam_size=beam, max_decoding_length=limit + 1,
-                min_decoding_length=0, max_input_length=0, suppress_sequences=suppress,
+                [engine._source_tokens(batch[j]) for j in members], beam_size=beam, max_decoding_length=limit + 1,
+                min_decoding_length=0, max_input_length=0, suppress_sequences=engine.suppressed(),
             )  # fmt: skip
-            for i, r in zip(members, results, strict=True):
-                out[i] = [engine.ids[t] for t in r.hypotheses[0][:limit]]
+            for j, r in zip(members, results, strict=True):
+                out[idx[j]] = [engine.ids[t] for t in r.hypotheses[0][:limit]]
     return out
 
 

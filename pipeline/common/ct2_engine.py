@@ -305,6 +305,18 @@ class CT2Translator:
         """transformer.search.max_output_lengths for one source of `src_len` tokens (no padding)."""
         return max_output_length(src_len, max_len_a, max_len_b, self.max_positions)
 
+    def limit_groups(self, sources: Sequence[Sequence[int]], max_len_a: float, max_len_b: int) -> dict[int, list[int]]:
+        """The indices of `sources` by their maximum output length, shortest limit first: CTranslate2 takes one
+        `max_decoding_length` per call."""
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(sources):
+            groups.setdefault(self.max_output_length(len(s), max_len_a, max_len_b), []).append(i)
+        return dict(sorted(groups.items()))
+
+    def suppressed(self) -> list[list[str]]:
+        """pad and bos, never generated (as `suppress_sequences`)."""
+        return [[self.tokens[PAD_ID]], [self.tokens[BOS_ID]]]
+
     def search(
         self,
         sources: Sequence[Sequence[int]],
@@ -336,12 +348,9 @@ class CT2Translator:
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got {alpha}")
         source_tokens = [self._source_tokens(s) for s in sources]
-        groups: dict[int, list[int]] = {}  # sentences by their maximum output length
-        for i, s in enumerate(sources):
-            groups.setdefault(self.max_output_length(len(s), max_len_a, max_len_b), []).append(i)
-        suppress = [[self.tokens[PAD_ID]], [self.tokens[BOS_ID]]]
+        suppress = self.suppressed()
         out: list[list[Hypothesis]] = [[] for _ in sources]
-        for limit, idx in sorted(groups.items()):
+        for limit, idx in self.limit_groups(sources, max_len_a, max_len_b).items():
             batch = [source_tokens[i] for i in idx]
             ct2_alpha = ct2_length_penalty(length_penalty, alpha, beam, sum(map(len, batch)) / len(batch))
             results = self.translator.translate_batch(
