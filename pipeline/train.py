@@ -301,11 +301,12 @@ def time_breakdown(summary: dict, wall_time: float, marks: dict[str, float]) -> 
     if summary.get("startup_s") is not None:  # the first epoch's batch plan and the first batch, up to the update
         parts["first_batch"] = max(times["stage_start"] + summary["startup_s"] - previous, 0.0)
     parts |= summary.get("time_s") or {}
-    end = times["stage_start"] + wall_time
-    wrap_up = [("worker_wrap_up", "loop_done", "worker_done"), ("ray_wrap_up", "worker_done", "fit_returned")]
-    for name, start, stop in [*wrap_up, ("outputs", "fit_returned", None)]:
-        if start in times and (stop is None or stop in times):
-            parts[name] = max((end if stop is None else times[stop]) - times[start], 0.0)
+    times["stage_end"] = times["stage_start"] + wall_time
+    wrap_up = [("worker_wrap_up", "loop_done", "worker_done"), ("ray_wrap_up", "worker_done", "fit_returned"),
+               ("outputs", "fit_returned", "stage_end")]  # fmt: skip
+    for name, start, stop in wrap_up:
+        if start in times and stop in times:
+            parts[name] = max(times[stop] - times[start], 0.0)
     parts["other"] = max(wall_time - sum(parts.values()), 0.0)
     return {k: round(v, 1) for k, v in parts.items()}
 
