@@ -1,6 +1,11 @@
 """Training-step throughput on CPU: our Transformer against Hugging Face MarianMTModel with the same weights.
 
     python -m bench.train_step [--presets multi30k tiny-wu] [--lengths 16 32 64] [--tokens 4096]
+    python -m bench.train_step --presets --plan . [--plan-batches 40]    # a preset's own batches only
+
+`--plan WORKSPACE` adds a row for the preset in that workspace's params.yaml on its own batches
+(`transformer.batching.BatchPlan` over its data/bin, the first global batches of epoch 1 in training order: the real
+lengths, ~13 tokens a sentence on Multi30k, where the synthetic shapes below are 16-64 tokens long).
 
 One step = forward, label-smoothed loss, backward, Adam update, on the same padded batch (same sentences,
 same padding) for both; float32; dropout on as in training (the preset's P_drop for both). The peer is built by
@@ -18,11 +23,14 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from bench.common import batch_flops, matmul_peak_flops, set_threads, step_seconds, translation_batch
+from transformer.batching import BatchPlan, collate
 from transformer.loss import projected_label_smoothed_nll_loss
 from transformer.model import PAD_ID, Transformer, make_config
 from transformer.schedule import make_optimizer
@@ -102,6 +110,61 @@ def bench_shape(preset: str, length: int, args, peak: float) -> dict:
     }
 
 
+def bench_plan(workspace: Path, args, peak: float) -> dict:
+    """The same contest on the preset's own first `--plan-batches` global batches (real lengths, the training
+    order): both step through the same batches, alternating batch by batch; tokens/s over all of them."""
+    from pipeline.commands.export_marian import to_marian
+    from pipeline.common.params import load_params
+    from pipeline.train import load_data
+
+    params = load_params(workspace / "params.yaml")
+    meta, train, _ = load_data(workspace / "data" / "bin")
+    t = params.train
+    plan = BatchPlan(train.src_lengths, train.tgt_lengths, t.update_tokens, t.max_tokens, t.seed,
+                     meta.get("train_copies", 1))  # fmt: skip
+    if plan.micro_per_update != 1:
+        raise SystemExit(f"--plan needs one micro-batch per update (train.update_tokens {t.update_tokens})")
+    batches = [collate(train, g[0]) for g in plan.epoch(1)[: args.plan_batches]]
+    torch.manual_seed(0)
+    cfg = make_config(params.model.arch, meta["vocab_size"], **params.model.overrides())
+    model = Transformer(cfg)
+    marian = to_marian(model)
+    model.train(), marian.train()
+    eps = t.label_smoothing
+    ours_opt = make_optimizer(model, cfg.d_model)[0]
+    peer_opt = adam(marian.parameters(), fused=args.peer_fused_adam or None)
+    steps = {
+        "ours": [our_step(model, ours_opt, tuple(b), eps) for b in batches],
+        "marian": [marian_step(marian, peer_opt, tuple(b), eps) for b in batches],
+    }
+    for name in steps:  # warm-up: one pass over the first batches
+        for step in steps[name][: args.warmup]:
+            step()
+    wall = dict.fromkeys(steps, 0.0)
+    cpu = dict.fromkeys(steps, 0.0)
+    for _ in range(args.repeat):
+        for i in range(len(batches)):
+            for name in steps:
+                w0, c0 = time.perf_counter(), time.process_time()
+                steps[name][i]()
+                wall[name] += time.perf_counter() - w0
+                cpu[name] += time.process_time() - c0
+    target_tokens = args.repeat * sum(int(b.tgt_out.ne(PAD_ID).sum()) for b in batches)
+    flops = args.repeat * sum(batch_flops(cfg, b.src, b.tgt_out) for b in batches)
+    shape = statistics.mean(b.src.shape[0] for b in batches), statistics.mean(b.tgt_out.shape[1] for b in batches)
+    return {
+        "preset": f"{params.preset} plan",
+        "batch": f"{len(batches)} real, mean {shape[0]:.0f}x{shape[1]:.0f}",
+        "target tokens": target_tokens // args.repeat // len(batches),
+        **{f"{k} tok/s": target_tokens / v for k, v in wall.items()},
+        "ratio": wall["marian"] / wall["ours"],
+        "ratio (CPU time)": cpu["marian"] / cpu["ours"],
+        "ours GFLOP/s": flops / wall["ours"] / 1e9,
+        "ours % peak": 100 * flops / wall["ours"] / peak,
+        "marian % peak": 100 * flops / wall["marian"] / peak,
+    }
+
+
 def print_row(row: dict, header: bool) -> None:
     """One row as soon as it is measured (a full table takes minutes on a CPU)."""
     widths = [max(len(c), 9) for c in row]
@@ -114,7 +177,7 @@ def print_row(row: dict, header: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="training-step tokens/s: ours vs MarianMTModel")
-    ap.add_argument("--presets", nargs="+", default=["multi30k", "tiny-wu"])
+    ap.add_argument("--presets", nargs="*", default=["multi30k", "tiny-wu"])
     ap.add_argument("--lengths", nargs="+", type=int, default=[16, 32, 64], help="padded sentence lengths")
     ap.add_argument("--tokens", type=int, default=4096, help="padded tokens per side per batch")
     ap.add_argument("--vocab", type=int, default=None, help="override the preset's BPE vocabulary size")
@@ -124,6 +187,8 @@ def main() -> None:
     ap.add_argument("--stat", choices=["median", "min"], default="median", help="min: least disturbed by other jobs")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (not the peer)")
     ap.add_argument("--peer-fused-adam", action="store_true", help="give the peer our fused Adam too")
+    ap.add_argument("--plan", type=Path, help="a workspace (params.yaml, data/bin): also its real batches")
+    ap.add_argument("--plan-batches", type=int, default=40, help="how many of the plan's first global batches")
     args = ap.parse_args()
     set_threads(args.threads)
     peak = matmul_peak_flops("cpu", torch.float32)
@@ -133,6 +198,8 @@ def main() -> None:
     shapes = [(p, n) for p in args.presets for n in args.lengths]
     for i, (preset, length) in enumerate(shapes):
         print_row(bench_shape(preset, length, args, peak), header=i == 0)
+    if args.plan:
+        print_row(bench_plan(args.plan, args, peak), header=not shapes)
 
 
 if __name__ == "__main__":
