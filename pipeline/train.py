@@ -38,7 +38,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from pipeline.common.elastic import WaitLimit, idle_line, read_attempts, scaling, summarise, wanted
+from pipeline.common.elastic import FreshClusterView, WaitLimit, idle_line, read_attempts, scaling, summarise, wanted
 from pipeline.common.failures import FailFast, reason
 from pipeline.common.files import atomic_path, write_csv_atomic, write_text_atomic
 from pipeline.common.layout import SNAPSHOT_INDEX, SPM_FILE, checkpoint_name
@@ -188,7 +188,7 @@ def fit(
     train = params.train
     name = f"{train.run_name}-{fingerprint(params, data)}"
     storage = train.storage_path if "://" in train.storage_path else str(Path(train.storage_path).resolve())
-    scaling_config, wait = scaling(train), train.wait_for_workers_minutes
+    scaling_config = scaling(train)
     micro = math.ceil(train.update_tokens / train.max_tokens)  # transformer.batching.BatchPlan.micro_per_update
     print(idle_line(micro, scaling_config.min_workers, scaling_config.max_workers), flush=True)
     mlflow.set_tags(system_tags(scaling_config, name))
@@ -212,7 +212,7 @@ def fit(
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-            callbacks=[FailFast()] + ([WaitLimit(wait * 60, wanted(scaling_config, train.workers))] if wait else []),
+            callbacks=controller_callbacks(train, scaling_config),
         ),
     )
     marks["fit_called"] = time.time()
@@ -225,6 +225,16 @@ def fit(
         if cause is e:
             raise
         raise cause from None  # the worker's or the controller's message, not Ray's wrapping of it
+
+
+def controller_callbacks(train: TrainParams, scaling_config: ray.train.ScalingConfig) -> list:
+    """Fail fast on errors a restart cannot fix; bound the wait for workers; an elastic run sees the cluster fresh."""
+    callbacks = [FailFast()]
+    if train.wait_for_workers_minutes:
+        callbacks.append(WaitLimit(train.wait_for_workers_minutes * 60, wanted(scaling_config, train.workers)))
+    if scaling_config.min_workers != scaling_config.max_workers:
+        callbacks.append(FreshClusterView(min(train.resize_every_minutes * 60, 20.0) / 2))
+    return callbacks
 
 
 def _count(model_cfg) -> int:

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pyarrow.fs
 import pytest
+import ray
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
+from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import get_or_create_autoscaling_coordinator
 from test_train_stage import MODEL, final_weights, make_project, reference, stage_env, tracking_uri, without_key_bias
 
-from pipeline.common.elastic import idle_line, lost, summarise
+from pipeline.common.elastic import FreshClusterView, idle_line, lost, summarise
 from pipeline.common.failures import FailFast, RunCannotContinue, cannot_continue
 from pipeline.common.train_worker import CHECKPOINT_FILE, newest_intact_state, resume
 from transformer.training import TooManyBadUpdates
@@ -156,6 +158,28 @@ def cluster():
 
 
 @pytest.mark.slow
+def test_the_view_that_sizes_an_elastic_group_sees_a_new_node_at_once(cluster):
+    # Ray's autoscaling coordinator, whose reservations the elastic policy counts workers from, looks at the
+    # cluster every 20 s; FreshClusterView makes it look now. Here it must see a node added a moment ago.
+    ray.init(address=cluster.address)
+    try:
+        coordinator = get_or_create_autoscaling_coordinator()
+
+        def reserved_cpus() -> float:
+            reserved = ray.get(coordinator.get_reserved_resources.remote("test"))
+            return sum(resources.get("CPU", 0) for resources in reserved.values())
+
+        ray.get(coordinator.request_resources.remote("test", [{"CPU": 1}] * 2, expire_after_s=60))
+        assert reserved_cpus() == 1  # the head node's one CPU
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        FreshClusterView(every_s=60).refresh()
+        assert reserved_cpus() == 2
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
 def test_a_cluster_short_of_the_minimum_fails_after_the_wait_naming_what_it_waits_for(tmp_path, cluster):
     # Two workers of 1 CPU wanted, one node of 1 CPU left: Ray would wait for ever.
     root = make_project(tmp_path / "p", workers=[2, 2], wait_for_workers_minutes=0.1)
@@ -193,8 +217,8 @@ def last_attempt(root: Path, workers: int, updates_done: int):
 def test_an_elastic_run_loses_a_node_and_grows_back_to_the_weights_of_one_worker(tmp_path, cluster):
     node = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    # A checkpoint at every update (each report waits for the controller's 2 s poll): the run lasts long enough for
-    # the cluster to change under it. Dropout on: the masks must not depend on the number of workers. Three
+    # A checkpoint at every update (each report waits for the controller's next poll, 0.5 s here): the run lasts long
+    # enough for the cluster to change under it. Dropout on: the masks must not depend on the number of workers. Three
     # micro-batches per update: 2 workers sum their gradients in another order than 1 (and one pass idles).
     # lr_factor 0.25: at the tests' usual 1.0 this tiny task trains chaotically, and any rounding difference grows
     # (a 1e-7 nudge of one weight: 4e-5 after 30 updates, 9e-2 after 60; at 0.25: 8e-7 and 1e-6).
@@ -204,16 +228,9 @@ def test_an_elastic_run_loses_a_node_and_grows_back_to_the_weights_of_one_worker
     )  # fmt: skip
     params = yaml.safe_load((root / "params.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump({**params, "model": {**MODEL, "dropout": 0.1}}))
-    # Ray's view of the cluster lags node loss by up to 20 s: a group of the old size is tried first, for this long.
-    # The default 2 s poll (not the tests' 0.5 s): each update waits for it, so the run outlasts the changes.
-    env = stage_env(
-        root,
-        {
-            "RAY_ADDRESS": cluster.address,
-            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2",
-        },
-    )
+    # FreshClusterView has Ray's view of the cluster follow each change at once; were it stale, a group of the old
+    # size would be tried first, for this long (30 s by default), and the run could end before the node comes back.
+    env = stage_env(root, {"RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"})
     log = root / "stage.log"
     t0 = time.time()
     with open(log, "w") as out:

@@ -98,7 +98,7 @@ def rehearse(work: Path) -> None:
         cluster.wait_for_nodes()
         env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": cluster.address,
                "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
-               # Ray's view of the cluster lags a node loss by up to 20 s; it first tries the old size for this long.
+               # Were Ray's view of the cluster stale (pipeline.common.elastic.FreshClusterView), the old size first.
                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}  # fmt: skip
         cmd = [sys.executable, "-m", "pipeline.train", "--data", "data/bin", "--out", "models/checkpoints"]
         with open(work / "stage.log", "w") as log:

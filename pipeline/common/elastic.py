@@ -16,7 +16,9 @@ line and checkpoint). The next start reads them to say what the change cost; the
 from __future__ import annotations
 
 import json
+import logging
 import math
+import threading
 import time
 from itertools import pairwise
 
@@ -34,6 +36,7 @@ from ray.train.v2._internal.execution.controller.state import (
 from pipeline.common.failures import RunCannotContinue
 from pipeline.common.params import TrainParams
 
+logger = logging.getLogger(__name__)
 ATTEMPTS_FOLDER = "attempts"  # in the run's storage
 # Controller states in which the run has no worker group and waits for one to start.
 WAITING = (InitializingState, SchedulingState, ReschedulingState, RestartingState)
@@ -65,6 +68,54 @@ def idle_line(micro_per_update: int, low: int, high: int) -> str:
     idle = [w * math.ceil(micro_per_update / w) - micro_per_update for w in range(low, high + 1)]
     sizes = f"{low}..{high} workers" if high > low else f"{low} worker{'s' * (low > 1)}"
     return f"an update is {micro_per_update} micro-batches: idle passes per update on {sizes}: {idle}"
+
+
+class FreshClusterView(ControllerCallback):
+    """In the controller of an elastic run: keep the view of the cluster that sizes the worker group fresh.
+
+    Ray Train's elastic policy counts the workers it can have from the reservations of Ray's autoscaling
+    coordinator (an actor of Ray Data's), which looks at the cluster every 20 s (`TICK_INTERVAL_S`). So after a
+    node is lost the controller first tries a group of the old size, which cannot start, until the worker-group
+    start timeout (`RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`, 30 s by default); and a node that joins is seen up to
+    20 s late. The coordinator recomputes its view on demand (`get_reserved_resources(recompute=True)`, which Ray
+    offers to callers that must not pin a dead node): this asks for that before each restart or resize decision
+    of a group that is not running, and every `every_s` while one runs (the policy's own resize checks run every
+    `train.resize_every_minutes`)."""
+
+    REQUESTER = "transformer-fresh-cluster-view"  # the coordinator ticks for any caller; this one reserves nothing
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self._stop: threading.Event | None = None  # made in the controller: the callback is pickled to it
+
+    def refresh(self) -> None:
+        # Ray's private API (pinned with Ray in requirements.lock): a failure here only leaves Ray's own 20 s view.
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        try:
+            coordinator = get_or_create_autoscaling_coordinator()
+            ray.get(coordinator.get_reserved_resources.remote(self.REQUESTER, recompute=True), timeout=5)
+        except Exception as e:  # noqa: BLE001 - a stale view costs seconds, never the run
+            logger.warning("could not refresh the autoscaling coordinator's view of the cluster: %s", e)
+
+    def after_controller_start(self, train_run_context) -> None:
+        stop = self._stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(self.every_s):
+                self.refresh()
+
+        threading.Thread(target=loop, name="fresh-cluster-view", daemon=True).start()
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        if isinstance(current_state, (RestartingState, ReschedulingState)):
+            self.refresh()  # the next step decides the new group's size from this view
+
+    async def before_controller_shutdown(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
 
 
 class WorkersUnavailable(RunCannotContinue):
