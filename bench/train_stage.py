@@ -13,7 +13,7 @@ start-up included), with its own Ray storage and MLflow store; everything the st
 on (checkpoints, snapshots, validation, attention maps, logging). Its models at the marks are its snapshots
 (`train.snapshot_every_minutes` must divide every mark).
 
-The peer, in this process once the stage has ended: `MarianMTModel` built by
+The peer, in this process once the stage has ended (before it starts, with `--loop-first`): `MarianMTModel` built by
 `pipeline.commands.export_marian.to_marian` from our initial weights (same seed), trained by the loop a user
 writes from the `transformers` docs — torch's default Adam, the inverse-square-root schedule, `F.cross_entropy`
 with label smoothing, one `backward` per micro-batch — on the same global batches in the same order
@@ -153,6 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scratch", type=Path, default=Path("/tmp/transformer-bench-train-stage"), help="emptied first")
     p.add_argument("--minutes", type=float, default=20.0)
     p.add_argument("--marks", type=float, nargs="+", default=[10.0, 20.0], help="minutes at which to score BLEU")
+    p.add_argument("--loop-first", action="store_true", help="run the plain loop before the stage")
     p.add_argument("--peer-dropout", type=float, default=0.1)
     p.add_argument("--peer-warmup", type=int, default=500)
     p.add_argument("--peer-lr", type=float, default=1.4e-3, help="the peer's peak learning rate")
@@ -177,9 +178,12 @@ def main(argv=None) -> None:
         raise SystemExit(f"train.snapshot_every_minutes ({every}) must divide every mark {args.marks}")
     if args.scratch.exists():
         subprocess.run(["rm", "-rf", str(args.scratch)], check=True)
-    metrics, index, stage_wall = run_stage(workspace, args.scratch, args.minutes, log)
     rate_marks = sorted({every * k for k in range(1, int(args.minutes // every) + 1)} | set(args.marks))
-    peer = run_peer(workspace, args, rate_marks, log)
+    if args.loop_first:
+        peer = run_peer(workspace, args, rate_marks, log)
+    metrics, index, stage_wall = run_stage(workspace, args.scratch, args.minutes, log)
+    if not args.loop_first:
+        peer = run_peer(workspace, args, rate_marks, log)
     stage = stage_at(index, rate_marks)
     sp = spm.SentencePieceProcessor(model_file=str(workspace / "data" / "bpe" / SPM_FILE))
     test = workspace / "data" / "raw"
@@ -200,7 +204,7 @@ def report(args, metrics: dict, stage_wall: float, stage: dict, peer: dict, rate
     first, last = rate_marks[0], args.minutes
     stage_rate = (stage[last]["update"] - stage[first]["update"]) / (last - first)
     peer_rate = (peer[last]["steps"] - peer[first]["steps"]) / (last - first)
-    print(f"\n{args.minutes:g} minutes each, back to back, stage first; torch {torch.__version__}, "
+    print(f"\n{args.minutes:g} minutes each, back to back, {'loop' if args.loop_first else 'stage'} first; torch {torch.__version__}, "
           f"{os.cpu_count()} cores; BLEU: test sacreBLEU, MarianMTModel.generate beam {args.beam}, "
           f"alpha {args.alpha}\n")  # fmt: skip
     print("| | train stage | plain loop | stage / loop |")
