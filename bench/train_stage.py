@@ -204,7 +204,8 @@ def report(args, metrics: dict, stage_wall: float, stage: dict, peer: dict, rate
     first, last = rate_marks[0], args.minutes
     stage_rate = (stage[last]["update"] - stage[first]["update"]) / (last - first)
     peer_rate = (peer[last]["steps"] - peer[first]["steps"]) / (last - first)
-    print(f"\n{args.minutes:g} minutes each, back to back, {'loop' if args.loop_first else 'stage'} first; torch {torch.__version__}, "
+    first_run = "loop" if args.loop_first else "stage"
+    print(f"\n{args.minutes:g} minutes each, back to back, {first_run} first; torch {torch.__version__}, "
           f"{os.cpu_count()} cores; BLEU: test sacreBLEU, MarianMTModel.generate beam {args.beam}, "
           f"alpha {args.alpha}\n")  # fmt: skip
     print("| | train stage | plain loop | stage / loop |")
