@@ -204,7 +204,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--updates", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=1500, help="target tokens per training batch")
     p.add_argument("--sentences", type=int, default=500)
-    p.add_argument("--batch-tokens", type=int, default=2000, help="padded source tokens per batch, every system")
+    p.add_argument(
+        "--batch-tokens", type=int, default=8000, help="padded source tokens a batch, every system: decode.max_tokens"
+    )
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--alpha", type=float, default=0.6)
     p.add_argument("--max-len", type=int, default=80, help="output tokens before eos, every sentence")

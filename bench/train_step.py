@@ -199,6 +199,7 @@ def main() -> None:
     for i, (preset, length) in enumerate(shapes):
         print_row(bench_shape(preset, length, args, peak), header=i == 0)
     if args.plan:
+        print(f"plan row: {args.repeat} passes over the batches after {args.warmup} warm-up steps, totals", flush=True)
         print_row(bench_plan(args.plan, args, peak), header=not shapes)
 
 
