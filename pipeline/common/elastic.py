@@ -76,7 +76,7 @@ class FreshClusterView(ControllerCallback):
     Ray Train's elastic policy counts the workers it can have from the reservations of Ray's autoscaling
     coordinator (an actor of Ray Data's), which looks at the cluster every 20 s (`TICK_INTERVAL_S`). So after a
     node is lost the controller first tries a group of the old size, which cannot start, until the worker-group
-    start timeout (`RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`, 30 s by default); and a node that joins is seen up to
+    start timeout (`RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`, 60 s by default); and a node that joins is seen up to
     20 s late. The coordinator recomputes its view on demand (`get_reserved_resources(recompute=True)`, which Ray
     offers to callers that must not pin a dead node): this asks for that before each restart or resize decision
     of a group that is not running, and every `every_s` while one runs (the policy's own resize checks run every
