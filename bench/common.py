@@ -37,6 +37,21 @@ def translation_batch(
     return src, tgt_in, tgt
 
 
+def workspace_plan(workspace):
+    """A workspace's params.yaml, its binarised training split and the train stage's batch plan of it:
+    (params, meta, train corpus, `BatchPlan` with the params' budgets and seed), as the stage builds them."""
+    from pipeline.common.params import load_params
+    from pipeline.train import load_data
+    from transformer.batching import BatchPlan
+
+    params = load_params(workspace / "params.yaml")
+    meta, train, _ = load_data(workspace / "data" / "bin")
+    t = params.train
+    plan = BatchPlan(train.src_lengths, train.tgt_lengths, t.update_tokens, t.max_tokens, t.seed,
+                     meta.get("train_copies", 1))  # fmt: skip
+    return params, meta, train, plan
+
+
 def step_seconds(
     steps: dict[str, Callable[[], None]], warmup: int, repeat: int, stat: Callable = statistics.median
 ) -> tuple[dict[str, float], dict[str, float]]:

@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -45,11 +46,11 @@ import yaml
 from sacrebleu.metrics import BLEU
 
 from bench.beam import batches_of, encode, run_hf
+from bench.common import workspace_plan
 from pipeline.commands.export_marian import to_marian
 from pipeline.common.layout import SNAPSHOT_INDEX, SPM_FILE
 from pipeline.common.params import load_params
-from pipeline.train import load_data
-from transformer.batching import BatchPlan, Position, collate
+from transformer.batching import Position, collate
 from transformer.checkpoint import load_model
 from transformer.model import PAD_ID, Transformer, make_config
 from transformer.schedule import peak_rate, rate
@@ -89,9 +90,8 @@ def peer_model(params, vocab_size: int, dropout: float) -> torch.nn.Module:
 def run_peer(workspace: Path, args, marks: list[float], log) -> dict:
     """The plain loop for `args.minutes`: steps and target tokens at every mark, weights at the BLEU marks."""
     start = time.time()
-    params = load_params(workspace / "params.yaml")
+    params, meta, train, plan = workspace_plan(workspace)
     torch.set_num_threads(params.train.cpus_per_worker)
-    meta, train, _ = load_data(workspace / "data" / "bin")
     marian = peer_model(params, meta["vocab_size"], args.peer_dropout)
     d_model, V = marian.config.d_model, marian.config.vocab_size
     factor = args.peer_lr / peak_rate(d_model, args.peer_warmup)
@@ -99,9 +99,6 @@ def run_peer(workspace: Path, args, marks: list[float], log) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: rate(i + 1, d_model, args.peer_warmup, factor))
     # torch spreads ε over all V classes, we over the V-1 others: this ε' gives the same target distribution.
     epsilon = params.train.label_smoothing * V / (V - 1)
-    train_params = params.train
-    plan = BatchPlan(train.src_lengths, train.tgt_lengths, train_params.update_tokens, train_params.max_tokens,
-                     train_params.seed, meta.get("train_copies", 1))  # fmt: skip
     position, steps, tokens, at, weights = Position(), 0, 0, {}, {}
     pending = sorted(marks)
     while pending:
@@ -176,8 +173,7 @@ def main(argv=None) -> None:
     every = params.train.snapshot_every_minutes
     if every is None or any(abs(m / every - round(m / every)) > 1e-9 for m in args.marks):
         raise SystemExit(f"train.snapshot_every_minutes ({every}) must divide every mark {args.marks}")
-    if args.scratch.exists():
-        subprocess.run(["rm", "-rf", str(args.scratch)], check=True)
+    shutil.rmtree(args.scratch, ignore_errors=True)
     rate_marks = sorted({every * k for k in range(1, int(args.minutes // every) + 1)} | set(args.marks))
     if args.loop_first:
         peer = run_peer(workspace, args, rate_marks, log)

@@ -21,16 +21,16 @@ the ratio: ours can beat the peer by at most (peak share 100%) / (the peer's sha
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import batch_flops, matmul_peak_flops, set_threads, step_seconds, translation_batch
-from transformer.batching import BatchPlan, collate
+from bench.common import batch_flops, matmul_peak_flops, set_threads, step_seconds, translation_batch, workspace_plan
+from transformer.batching import collate
 from transformer.loss import projected_label_smoothed_nll_loss
 from transformer.model import PAD_ID, Transformer, make_config
 from transformer.schedule import make_optimizer
@@ -114,14 +114,9 @@ def bench_plan(workspace: Path, args, peak: float) -> dict:
     """The same contest on the preset's own first `--plan-batches` global batches (real lengths, the training
     order): both step through the same batches, alternating batch by batch; tokens/s over all of them."""
     from pipeline.commands.export_marian import to_marian
-    from pipeline.common.params import load_params
-    from pipeline.train import load_data
 
-    params = load_params(workspace / "params.yaml")
-    meta, train, _ = load_data(workspace / "data" / "bin")
+    params, meta, train, plan = workspace_plan(workspace)
     t = params.train
-    plan = BatchPlan(train.src_lengths, train.tgt_lengths, t.update_tokens, t.max_tokens, t.seed,
-                     meta.get("train_copies", 1))  # fmt: skip
     if plan.micro_per_update != 1:
         raise SystemExit(f"--plan needs one micro-batch per update (train.update_tokens {t.update_tokens})")
     batches = [collate(train, g[0]) for g in plan.epoch(1)[: args.plan_batches]]
@@ -133,22 +128,11 @@ def bench_plan(workspace: Path, args, peak: float) -> dict:
     eps = t.label_smoothing
     ours_opt = make_optimizer(model, cfg.d_model)[0]
     peer_opt = adam(marian.parameters(), fused=args.peer_fused_adam or None)
-    steps = {
-        "ours": [our_step(model, ours_opt, tuple(b), eps) for b in batches],
-        "marian": [marian_step(marian, peer_opt, tuple(b), eps) for b in batches],
-    }
-    for name in steps:  # warm-up: one pass over the first batches
-        for step in steps[name][: args.warmup]:
-            step()
-    wall = dict.fromkeys(steps, 0.0)
-    cpu = dict.fromkeys(steps, 0.0)
-    for _ in range(args.repeat):
-        for i in range(len(batches)):
-            for name in steps:
-                w0, c0 = time.perf_counter(), time.process_time()
-                steps[name][i]()
-                wall[name] += time.perf_counter() - w0
-                cpu[name] += time.process_time() - c0
+    # Each call steps through the next batch; both see the same batch at the same call, every batch `repeat` times.
+    ours = itertools.cycle([our_step(model, ours_opt, tuple(b), eps) for b in batches])
+    peer = itertools.cycle([marian_step(marian, peer_opt, tuple(b), eps) for b in batches])
+    steps = {"ours": lambda: next(ours)(), "marian": lambda: next(peer)()}
+    wall, cpu = step_seconds(steps, warmup=args.warmup, repeat=args.repeat * len(batches), stat=sum)
     target_tokens = args.repeat * sum(int(b.tgt_out.ne(PAD_ID).sum()) for b in batches)
     flops = args.repeat * sum(batch_flops(cfg, b.src, b.tgt_out) for b in batches)
     shape = statistics.mean(b.src.shape[0] for b in batches), statistics.mean(b.tgt_out.shape[1] for b in batches)
