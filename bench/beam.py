@@ -13,7 +13,7 @@ Equal work: beam 4, length normalisation log P / |Y|^α ("hf" in our search, `le
 `early_stopping=True`), the same maximum output length for every sentence, pad and bos forbidden
 (`suppress_tokens`), the same batches of sentences (sorted by length), float32, the same threads. The engines'
 rows decode as the decode stage does (GNMT length penalty; `decode.engine`), CTranslate2 from our own
-conversion (pipeline/common/ct2_engine.py), at `decode.compute_type` float32 and int8. BLEU: sacreBLEU of the
+conversion (pipeline/common/ct2_convert.py), at `decode.compute_type` float32 and int8. BLEU: sacreBLEU of the
 detokenised output against the test references; peak memory: the process's resident size above what it held
 before the system ran, sampled every 10 ms.
 """

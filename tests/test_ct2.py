@@ -1,4 +1,5 @@
-"""The CTranslate2 engine (pipeline/common/ct2_engine.py) against our torch search, on a tiny model taught to copy.
+"""The CTranslate2 engine (pipeline/common/ct2_convert.py, ct2_engine.py) against our torch search, on a tiny
+model taught to copy.
 
 The model is trained for a few seconds (as in test_search.py) so that hypotheses end with eos at varied lengths
 and beam search has real choices; then pad and bos are made improbable (below 1e-9), as they are in any trained
@@ -19,14 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.common.ct2_engine import (
-    META_FILE,
-    CT2Translator,
-    check_compute_type,
-    convert,
-    ct2_length_penalty,
-    placeholder_tokens,
-)
+from pipeline.common.ct2_convert import META_FILE, convert, placeholder_tokens
+from pipeline.common.ct2_engine import CT2Translator, check_compute_type, ct2_length_penalty
 from transformer.beam_search import beam_search
 from transformer.checkpoint import save_model
 from transformer.model import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Transformer, make_config
@@ -254,6 +249,72 @@ def test_maximum_length_is_ours_and_hypotheses_cut_there_end_with_eos(model, sou
         # Not always equal: at the limit ours ends every live beam with its eos, CTranslate2 the beam best
         # candidates (cut back and re-scored with the eos); see the module docstring.
         assert same >= 0.75 * len(sources)
+
+
+class CountingTranslator:
+    """CTranslate2's translator with the calls to translate_batch counted (and their limits noted)."""
+
+    def __init__(self, inner):
+        self.inner, self.limits = inner, []
+
+    def translate_batch(self, batch, **kwargs):
+        self.limits.append(kwargs["max_decoding_length"] - 1)
+        return self.inner.translate_batch(batch, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def counted(ct2_dir):
+    t = CT2Translator(ct2_dir, compute_type="float32", threads=1)
+    t.translator = CountingTranslator(t.translator)
+    return t
+
+
+@pytest.mark.parametrize("beam, length_penalty, alpha", [(1, "gnmt", 0.6), (4, "gnmt", 0.6), (4, "hf", 1.5)])
+@pytest.mark.parametrize("max_len_a, max_len_b", [(1.0, 10), (0.5, 2), (1.0, 0)])
+def test_one_call_gives_what_calls_by_limit_give(model, sources, counted, beam, length_penalty, alpha, max_len_a,
+                                                 max_len_b):  # fmt: skip
+    """Decoding all sentences with the longest limit, then again by limit those that ran into their own, is the
+    same search as decoding by limit: every hypothesis, its log-prob and score. (1.0, 10): nearly all stop
+    early; (0.5, 2): most reach their limit; (1.0, 0): some do, the others stop one step before it."""
+    options = dict(beam=beam, nbest=beam, alpha=alpha, length_penalty=length_penalty, max_len_a=max_len_a,
+                   max_len_b=max_len_b)  # fmt: skip
+    limits = {counted.max_output_length(len(s), max_len_a, max_len_b) for s in sources}
+    by_limit = counted.search(sources, one_call=False, **options)
+    assert sorted(counted.translator.limits) == sorted(limits)
+    counted.translator.limits.clear()
+    one = counted.search(sources, one_call=True, **options)
+    assert counted.translator.limits[0] == max(limits) and len(counted.translator.limits) <= len(limits)
+    redone = len(counted.translator.limits) - 1
+    for src, a, b in zip(sources, by_limit, one, strict=True):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert close(x.logprob, y.logprob) and close(x.score, y.score)
+            if x.tokens != y.tokens:  # a tie, decided by float32 sums in batches of other sizes
+                assert close(sequence_logprob(model, src, x.tokens), sequence_logprob(model, src, y.tokens))
+    if (max_len_a, max_len_b) == (1.0, 10):  # the point of it: 7 limits, at most 3 calls
+        assert len(limits) == 7 and redone <= 2
+    else:  # the redo path ran: most sentences reach (0.5, 2), some the source length (1.0, 0)
+        assert redone >= 3
+
+
+def test_calls_by_limit_while_most_sentences_reach_it(sources, counted):
+    """The default tries one call, and goes by limit after a search in which most sentences reached their
+    limit (the one call would be wasted), until most end early again."""
+    tight, loose = dict(max_len_a=0.0, max_len_b=2), dict(max_len_a=1.0, max_len_b=10)
+    counted.search(sources, beam=4, **tight)  # one call first, then most sentences again by limit
+    assert counted.ended_early_share < 0.5
+    counted.translator.limits.clear()
+    counted.search(sources, beam=4, **loose)
+    assert len(counted.translator.limits) == len({counted.max_output_length(len(s), 1.0, 10) for s in sources})
+    assert counted.ended_early_share >= 0.5
+    counted.translator.limits.clear()
+    counted.search(sources, beam=4, **loose)
+    assert len(counted.translator.limits) <= 2
+    with pytest.raises(ValueError, match="one_call"):
+        counted.search(sources, beam=4, alpha=0.0, one_call=True)
 
 
 def test_empty_source_is_not_decoded(translator):

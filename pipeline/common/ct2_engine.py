@@ -1,20 +1,5 @@
-"""A CTranslate2 decode engine for our own models: convert a standalone model file, then beam-search with it.
-
-    python -m pipeline.common.ct2_engine models/average.pt --out models/ct2 [--quantization int8]
-
-`convert` builds CTranslate2's model from its spec API (`TransformerSpec.from_config(..., pre_norm=False)`, the
-weights set by hand, as its fairseq converter does), not through its Hugging Face Marian loader, which assumes
-OPUS-MT conventions that are not ours (STACK-FACTS). Layout, checked against the C++ (CTranslate2 4.8):
-- post-norm layers, ReLU, one embedding matrix for encoder, decoder and output projection (aliased on save),
-  scaled by √d_model (`scale_embeddings`), no final layer norm, no logit bias, LayerNorm ε = 1e-5 (torch's);
-- positions: CTranslate2's built-in sinusoid is [sin | cos] concatenated, with timescales log(10⁴)/(d/2 − 1) and
-  positions counted from 1 (tensor2tensor/fairseq), not §3.5's interleaved table from 0. So our own table,
-  `sinusoid_table(max_positions, d_model)`, is written as `position_encodings/encodings`; CTranslate2 adds row
-  `step` to the token at position `step` (0 first) and refuses positions beyond the table, as we do;
-- fused projections keep our order: self-attention Q|K|V (`linear_0`), cross-attention Q (`linear_0`) and K|V
-  (`linear_1`);
-- vocabulary: our ids in order (sentencepiece pieces, or `<id_N>` placeholders); bos/eos/unk tokens and the
-  decoder start token are ours (pieces 2, 3, 1), no source bos/eos added (our sources already end with eos).
+"""A CTranslate2 decode engine for our own models: beam search in a model converted by
+pipeline/common/ct2_convert.py, with our search's semantics.
 
 Search (`CT2Translator.search`) returns `transformer.beam_search.Hypothesis` lists, as `beam_search` does. How it maps
 onto ours (transformer/beam_search.py), precisely:
@@ -43,37 +28,35 @@ onto ours (transformer/beam_search.py), precisely:
   of candidates from different beams can move by that much. `rescore=True` re-scores the finished hypotheses
   with `score_batch` (one teacher-forced pass, normalised over all tokens) before ranking: our log-probs.
 - Maximum length: ours is per sentence (⌊a·|x|⌋ + b, capped at max_positions − 1), CTranslate2's
-  `max_decoding_length` per call, so sentences are decoded in groups of equal limit, with
-  max_decoding_length = limit + 1 (the tokens plus the eos). On its last step CTranslate2 ends the beam-best
-  candidates whatever they are, where ours allows only the eos: a hypothesis that comes out without eos is cut
-  to `limit` tokens and re-scored with the eos (`score_batch`, normalised over all tokens like ours). The set
-  that reaches the limit can still differ from ours (ours ends every live beam there with its eos).
+  `max_decoding_length` per call (the limit + 1: the tokens plus the eos). On its last step CTranslate2 ends the
+  beam-best candidates whatever they are, where ours allows only the eos: a hypothesis that comes out without eos
+  is cut to `limit` tokens and re-scored with the eos (`score_batch`, normalised over all tokens like ours). The
+  set that reaches the limit can still differ from ours (ours ends every live beam there with its eos).
+  A batch is decoded in one call with its longest limit, then by limit again only the sentences whose search
+  ran into a shorter limit of their own. That is exact: the limit changes nothing before the last step, and a
+  sentence whose search stopped earlier (its longest returned hypothesis is shorter than its limit; CTranslate2
+  returns the beam·patience best finished ones and stops when that many have finished, so one of them finished
+  on the stopping step) would have stopped there under its own limit too. With α = 0 CTranslate2 exits early
+  and its results do not show where, so such searches go by limit from the start, as do all searches while
+  most sentences reach their limit (a model that seldom chooses eos), which would only waste the long call.
 - A source that is only eos (an empty line): CTranslate2 does not run the model and returns the empty
   hypothesis with log-prob 0; ours decodes it.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import ctranslate2
-import numpy as np
-import torch
-from ctranslate2.specs import common_spec, transformer_spec
 
-from pipeline.common.files import atomic_path
+from pipeline.common.ct2_convert import META_FILE
 from transformer.beam_search import LENGTH_PENALTIES, Hypothesis
-from transformer.checkpoint import load_model
-from transformer.model import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Transformer, sinusoid_table
+from transformer.model import BOS_ID, EOS_ID, PAD_ID
 from transformer.search import max_output_length
 
-META_FILE = "transformer.json"  # our side of the conversion: ids, max_positions, provenance
 COMPUTE_TYPES = (
     "default",  # the type the weights were saved in (convert's quantization)
     "auto",  # CTranslate2's fastest supported type on the device
@@ -86,137 +69,6 @@ COMPUTE_TYPES = (
     "float16",
     "bfloat16",
 )
-QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
-SPECIALS = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
-
-
-# --- conversion ---
-
-
-def placeholder_tokens(vocab_size: int) -> list[str]:
-    """Token strings for a model without a sentencepiece model: <pad> <unk> <s> </s> <id_4> ... <id_{V-1}>."""
-    return [SPECIALS.get(i, f"<id_{i}>") for i in range(vocab_size)]
-
-
-def tokens_from_extra(extra: dict, vocab_size: int) -> list[str] | None:
-    """The sentencepiece pieces of the BPE model embedded in a model file (`extra["bpe"]["model_proto"]`, written
-    by the average stage), in id order; None when there is none."""
-    bpe = extra.get("bpe") or {}
-    proto = bpe.get("model_proto")
-    if proto is None:
-        return None
-    import sentencepiece as spm  # a project dependency; only needed when the file embeds a model
-
-    data = proto.numpy().tobytes() if isinstance(proto, torch.Tensor) else bytes(proto)
-    if bpe.get("sha256") and hashlib.sha256(data).hexdigest() != bpe["sha256"]:
-        raise ValueError("embedded sentencepiece model does not match its recorded sha256")
-    sp = spm.SentencePieceProcessor(model_proto=data)
-    if sp.get_piece_size() != vocab_size:
-        raise ValueError(f"embedded sentencepiece model has {sp.get_piece_size()} pieces, the model {vocab_size}")
-    return [sp.id_to_piece(i) for i in range(vocab_size)]
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu", torch.float32).contiguous().numpy().copy()
-
-
-def _linear(spec, linear: torch.nn.Linear) -> None:
-    spec.weight = _numpy(linear.weight)
-    spec.bias = _numpy(linear.bias)
-
-
-def _norm(spec, norm: torch.nn.LayerNorm) -> None:
-    spec.gamma = _numpy(norm.weight)
-    spec.beta = _numpy(norm.bias)
-
-
-def model_spec(model: Transformer, tokens: Sequence[str]) -> transformer_spec.TransformerSpec:
-    """CTranslate2's TransformerSpec holding our weights (see the module docstring for the layout)."""
-    cfg = model.cfg
-    if len(tokens) != cfg.vocab_size:
-        raise ValueError(f"{len(tokens)} tokens for a vocabulary of {cfg.vocab_size}")
-    if len(set(tokens)) != len(tokens):
-        raise ValueError("token strings must be distinct: CTranslate2 maps them back to ids")
-    for ln in model.modules():
-        if isinstance(ln, torch.nn.LayerNorm) and ln.eps != 1e-5:
-            raise ValueError(f"LayerNorm eps {ln.eps}: the conversion writes 1e-5")
-    spec = transformer_spec.TransformerSpec.from_config(
-        (cfg.encoder_layers, cfg.decoder_layers),
-        cfg.heads,
-        pre_norm=False,  # §3.1: LayerNorm(x + Sublayer(x))
-        activation=common_spec.Activation.RELU,  # §3.3
-    )
-    embed = _numpy(model.embed.weight)
-    table = _numpy(sinusoid_table(cfg.max_positions, cfg.d_model))  # (P, d): row p for position p, sin/cos interleaved
-    enc, dec = spec.encoder, spec.decoder
-    enc.embeddings[0].weight = embed
-    dec.embeddings.weight = embed
-    dec.projection.weight = embed  # tied (§3.4); save() stores it once and aliases the others
-    for side in (enc, dec):
-        side.scale_embeddings = True  # × √d_model
-        side.position_encodings.encodings = table
-    for layer_spec, layer in zip(enc.layer, model.encoder, strict=True):
-        _linear(layer_spec.self_attention.linear[0], layer.self_attn.in_proj)  # Q|K|V
-        _linear(layer_spec.self_attention.linear[1], layer.self_attn.out_proj)
-        _norm(layer_spec.self_attention.layer_norm, layer.norm1)
-        _linear(layer_spec.ffn.linear_0, layer.ffn[0])
-        _linear(layer_spec.ffn.linear_1, layer.ffn[2])
-        _norm(layer_spec.ffn.layer_norm, layer.norm2)
-    for layer_spec, layer in zip(dec.layer, model.decoder, strict=True):
-        _linear(layer_spec.self_attention.linear[0], layer.self_attn.in_proj)
-        _linear(layer_spec.self_attention.linear[1], layer.self_attn.out_proj)
-        _norm(layer_spec.self_attention.layer_norm, layer.norm1)
-        _linear(layer_spec.attention.linear[0], layer.cross_attn.q_proj)
-        _linear(layer_spec.attention.linear[1], layer.cross_attn.kv_proj)  # K|V
-        _linear(layer_spec.attention.linear[2], layer.cross_attn.out_proj)
-        _norm(layer_spec.attention.layer_norm, layer.norm2)
-        _linear(layer_spec.ffn.linear_0, layer.ffn[0])
-        _linear(layer_spec.ffn.linear_1, layer.ffn[2])
-        _norm(layer_spec.ffn.layer_norm, layer.norm3)
-    tokens = list(tokens)
-    spec.register_source_vocabulary(tokens)
-    spec.register_target_vocabulary(tokens)
-    config = spec.config
-    config.unk_token, config.bos_token, config.eos_token = tokens[UNK_ID], tokens[BOS_ID], tokens[EOS_ID]
-    config.decoder_start_token = tokens[BOS_ID]  # the decoder input is bos + target[:-1]
-    config.add_source_bos = config.add_source_eos = False
-    config.layer_norm_epsilon = 1e-5
-    return spec
-
-
-def convert(
-    model_file: Path, out_dir: Path, quantization: str | None = None, tokens: Sequence[str] | None = None
-) -> None:
-    """Write the CTranslate2 model of a standalone model file (or training checkpoint) to `out_dir`, atomically
-    (a temporary sibling folder renamed into place). `quantization`: the weights' stored type (None: float32).
-    `tokens`: the vocabulary's strings in id order; default the pieces of the sentencepiece model embedded in
-    the file, else `<id_N>` placeholders (ids round-trip either way)."""
-    if quantization is not None and quantization not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization '{quantization}'; choose one of {QUANTIZATIONS}")
-    model, extra = load_model(model_file)
-    vocab = model.cfg.vocab_size
-    tokens = list(tokens) if tokens is not None else tokens_from_extra(extra, vocab) or placeholder_tokens(vocab)
-    spec = model_spec(model, tokens)
-    spec.validate()
-    spec.optimize(quantization=quantization)
-    meta = {
-        "max_positions": model.cfg.max_positions,
-        "vocab_size": vocab,
-        "pad_id": PAD_ID,
-        "unk_id": UNK_ID,
-        "bos_id": BOS_ID,
-        "eos_id": EOS_ID,
-        "quantization": quantization or "float32",
-        "source": str(model_file),
-        "ctranslate2": ctranslate2.__version__,
-    }
-    with atomic_path(out_dir) as tmp:  # the folder appears only once complete; a failure keeps the old one
-        tmp.mkdir()
-        spec.save(str(tmp))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-
-
-# --- search ---
 
 
 def resolve_device(device: str) -> tuple[str, int]:
@@ -292,6 +144,7 @@ class CT2Translator:
             intra_threads=threads,
         )
         self.compute_type = self.translator.compute_type
+        self.ended_early_share = 1.0  # of the last call's sentences, those that stopped before their limit
 
     def _source_tokens(self, src: Sequence[int]) -> list[str]:
         if not 0 < len(src) <= self.max_positions:
@@ -328,6 +181,7 @@ class CT2Translator:
         length_penalty: str = "gnmt",
         patience: float = 1.0,
         rescore: bool = False,
+        one_call: bool | None = None,
     ) -> list[list[Hypothesis]]:
         """For each source (our ids, ending with eos, no padding) its `nbest` best hypotheses, best first:
         tokens without bos/eos, score = logprob / lp(|tokens| + 1), logprob including the eos.
@@ -335,7 +189,10 @@ class CT2Translator:
         `patience`: CTranslate2's (search until beam·patience hypotheses have finished; 1 = our
         stop="k_finished"). `rescore`: re-score every finished hypothesis with `score_batch` (one teacher-forced
         pass) so that log-probs are normalised over the whole vocabulary, pad and bos included, as ours are,
-        before ranking; otherwise they are CTranslate2's, normalised without pad and bos (module docstring)."""
+        before ranking; otherwise they are CTranslate2's, normalised without pad and bos (module docstring).
+        `one_call`: decode sources of different length limits in one call, then again by limit only those that
+        reached a shorter limit of their own (True), only by limit (False), or the first while it pays (None).
+        The results are the same; only the time differs (module docstring)."""
         if beam < 1:
             raise ValueError(f"beam must be >= 1, got {beam}")
         if patience <= 0:
@@ -348,41 +205,93 @@ class CT2Translator:
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got {alpha}")
         source_tokens = [self._source_tokens(s) for s in sources]
-        suppress = self.suppressed()
-        out: list[list[Hypothesis]] = [[] for _ in sources]
-        for limit, idx in self.limit_groups(sources, max_len_a, max_len_b).items():
-            batch = [source_tokens[i] for i in idx]
-            ct2_alpha = ct2_length_penalty(length_penalty, alpha, beam, sum(map(len, batch)) / len(batch))
-            results = self.translator.translate_batch(
-                batch,
-                beam_size=beam,
-                patience=patience if beam > 1 else 1.0,
-                num_hypotheses=width,
-                length_penalty=ct2_alpha,
-                return_scores=True,
-                return_end_token=True,
-                max_decoding_length=limit + 1,  # the tokens plus the eos
-                min_decoding_length=0,  # the empty hypothesis (eos first) is allowed, as in ours
-                max_input_length=0,  # sources were checked against max_positions above
-                suppress_sequences=suppress,
-            )
-            found = [self._finished(r, limit, ct2_alpha, rescore) for r in results]
-            todo = [(j, tokens) for j, f in enumerate(found) for tokens, logprob in f.items() if logprob is None]
-            if todo:
-                scored = self.translator.score_batch(
-                    [batch[j] for j, _ in todo], [[self.tokens[t] for t in tokens] for _, tokens in todo],
-                    max_input_length=0,
-                )  # fmt: skip
-                for (j, tokens), s in zip(todo, scored, strict=True):
-                    found[j][tokens] = float(sum(s.log_probs))
-            for i, f in zip(idx, found, strict=True):
-                hyps = [
-                    Hypothesis(list(t), lp / length_penalty_value(length_penalty, alpha, len(t) + 1), lp)
-                    for t, lp in f.items()
-                ]
-                hyps.sort(key=lambda h: h.score, reverse=True)
-                out[i] = hyps[:nbest]
+        limits = [self.max_output_length(len(s), max_len_a, max_len_b) for s in sources]
+        # One α' for every call of this search: the sentences decoded together then do not change a result.
+        ct2_alpha = ct2_length_penalty(length_penalty, alpha, beam, sum(map(len, sources)) / max(len(sources), 1))
+        options = dict(beam=beam, patience=patience, width=width, ct2_alpha=ct2_alpha, rescore=rescore)
+        found: list[dict | None] = [None] * len(sources)
+        todo = list(range(len(sources)))
+        if len(set(limits)) > 1 and self._one_call(beam, alpha, patience, one_call):
+            longest = max(limits)
+            results = self._translate(source_tokens, longest, **options)
+            ended = [longest == limit or self._ended_early(f, limit) for f, limit in zip(results, limits, strict=True)]
+            self.ended_early_share = sum(ended) / len(ended)
+            for i, f, ok in zip(todo, results, ended, strict=True):
+                found[i] = f if ok else None
+            todo = [i for i, ok in zip(todo, ended, strict=True) if not ok]
+        groups: dict[int, list[int]] = {}
+        for i in todo:
+            groups.setdefault(limits[i], []).append(i)
+        early = 0
+        for limit, idx in sorted(groups.items()):
+            results = self._translate([source_tokens[i] for i in idx], limit, **options)
+            for i, f in zip(idx, results, strict=True):
+                found[i] = f
+                early += self._ended_early(f, limit)
+        if todo and len(todo) == len(sources):
+            self.ended_early_share = early / len(todo)
+        out: list[list[Hypothesis]] = []
+        for f in found:
+            hyps = [
+                Hypothesis(list(t), lp / length_penalty_value(length_penalty, alpha, len(t) + 1), lp)
+                for t, lp in f.items()
+            ]
+            hyps.sort(key=lambda h: h.score, reverse=True)
+            out.append(hyps[:nbest])
         return out
+
+    def _one_call(self, beam: int, alpha: float, patience: float, one_call: bool | None) -> bool:
+        """Whether to decode sources of different length limits in one call (module docstring): only where
+        CTranslate2's stopping step can be read off its results (greedy, or beam search without its early exit,
+        α ≠ 0, and beam·patience whole, so that CTranslate2 returns as many hypotheses as stop it), and, unless
+        `one_call` says, while most sentences of the last call ended before their limit."""
+        possible = beam == 1 or (alpha != 0 and float(beam * patience).is_integer())
+        if one_call is not None:
+            if one_call and not possible:
+                raise ValueError(
+                    "one_call=True needs beam 1, or alpha != 0 and a whole beam * patience (else CTranslate2's "
+                    "results do not show the step it stopped on)"
+                )
+            return one_call
+        return possible and self.ended_early_share >= 0.5
+
+    @staticmethod
+    def _ended_early(found: dict[tuple[int, ...], float | None], limit: int) -> bool:
+        """Whether a sentence's search stopped before its last step (`limit` tokens + eos): then a longer limit
+        gives the same result. CTranslate2 returns the `width` best of its finished hypotheses and stops on the
+        step where the width-th finishes, so at least one returned hypothesis finished on that step: the longest
+        returned one ends on it. Hypotheses cut at the limit have `limit` tokens."""
+        return all(len(tokens) < limit for tokens in found)
+
+    def _translate(
+        self, batch: list[list[str]], limit: int, beam: int, patience: float, width: int, ct2_alpha: float,
+        rescore: bool,
+    ) -> list[dict[tuple[int, ...], float]]:  # fmt: skip
+        """One CTranslate2 call with `limit` output tokens for every source of `batch`: each sentence's finished
+        hypotheses as {our token ids (no eos): log-prob}, those cut at the limit re-scored with the eos."""
+        results = self.translator.translate_batch(
+            batch,
+            beam_size=beam,
+            patience=patience if beam > 1 else 1.0,
+            num_hypotheses=width,
+            length_penalty=ct2_alpha,
+            return_scores=True,
+            return_end_token=True,
+            max_decoding_length=limit + 1,  # the tokens plus the eos
+            min_decoding_length=0,  # the empty hypothesis (eos first) is allowed, as in ours
+            max_input_length=0,  # sources were checked against max_positions above
+            suppress_sequences=self.suppressed(),
+        )
+        found = [self._finished(r, limit, ct2_alpha, rescore) for r in results]
+        todo = [(j, tokens) for j, f in enumerate(found) for tokens, logprob in f.items() if logprob is None]
+        if todo:
+            scored = self.translator.score_batch(
+                [batch[j] for j, _ in todo], [[self.tokens[t] for t in tokens] for _, tokens in todo],
+                max_input_length=0,
+            )  # fmt: skip
+            for (j, tokens), s in zip(todo, scored, strict=True):
+                found[j][tokens] = float(sum(s.log_probs))
+        return found
 
     def _finished(self, result, limit: int, ct2_alpha: float, rescore: bool) -> dict[tuple[int, ...], float | None]:
         """One sentence's finished hypotheses as {our token ids (no eos): log-prob}, None where it must be scored:
@@ -402,17 +311,3 @@ class CT2Translator:
         for tokens in cut:
             found.setdefault(tokens, None)
         return found
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Convert a model file to a CTranslate2 model folder.")
-    ap.add_argument("model", type=Path, help="a model file (models/average.pt) or a training checkpoint")
-    ap.add_argument("--out", type=Path, required=True, help="folder for the CTranslate2 model")
-    ap.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help="stored weight type (float32)")
-    args = ap.parse_args(argv)
-    convert(args.model, args.out, args.quantization)
-    print(f"wrote {args.out} (CTranslate2 {ctranslate2.__version__})", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

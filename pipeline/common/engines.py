@@ -14,7 +14,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.common.ct2_engine import CT2Translator, convert
+from pipeline.common.ct2_convert import convert
+from pipeline.common.ct2_engine import CT2Translator
 from pipeline.common.files import file_sha256
 from pipeline.common.translator import Translator, resolve_device
 from transformer.inference import SearchOptions
