@@ -158,14 +158,6 @@ class CT2Translator:
         """transformer.search.max_output_lengths for one source of `src_len` tokens (no padding)."""
         return max_output_length(src_len, max_len_a, max_len_b, self.max_positions)
 
-    def limit_groups(self, sources: Sequence[Sequence[int]], max_len_a: float, max_len_b: int) -> dict[int, list[int]]:
-        """The indices of `sources` by their maximum output length, shortest limit first: CTranslate2 takes one
-        `max_decoding_length` per call."""
-        groups: dict[int, list[int]] = {}
-        for i, s in enumerate(sources):
-            groups.setdefault(self.max_output_length(len(s), max_len_a, max_len_b), []).append(i)
-        return dict(sorted(groups.items()))
-
     def suppressed(self) -> list[list[str]]:
         """pad and bos, never generated (as `suppress_sequences`)."""
         return [[self.tokens[PAD_ID]], [self.tokens[BOS_ID]]]
