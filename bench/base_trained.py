@@ -5,9 +5,10 @@ Base (6+6 layers, d_model 512, a 37,000-token vocabulary: the `wmt14-base` prese
 hundred updates on Multi30k train with the 8k BPE model of bench/beam.py (ids below 8,000; the other rows of the
 37k embedding are never targets, so training pushes their logits down like any unseen token's), on pairs of 2
 or 3 Multi30k sentence pairs joined into one (mean ~36 source tokens, about newstest2014's ~34 in a 37k joint
-BPE), so that it learns to end a sentence of newstest's length. The decode inputs are joined the same way from
-Multi30k valid and test, which it never trained on, with their joined references. Nobody should read its BLEU
-as a translation quality: the point is realistic output lengths, decided by the model's own eos.
+BPE). The decode inputs are joined the same way from Multi30k valid and test, which it never trained on, with
+their joined references. Nobody should read its BLEU as a translation quality: the point is a search whose
+ends the model decides with its own eos, not a cap. (300 updates end every output with eos, but do not teach
+it to follow its source: its outputs are ~15 tokens; bench/README.md.)
 
 The model is cached in --cache (outside the repository) by its number of updates.
 """
