@@ -304,7 +304,7 @@ def test_calls_by_limit_while_most_sentences_reach_it(sources, counted):
     """The default tries one call, and goes by limit after a search in which most sentences reached their
     limit (the one call would be wasted), until most end early again."""
     tight, loose = dict(max_len_a=0.0, max_len_b=2), dict(max_len_a=1.0, max_len_b=10)
-    counted.search(sources, beam=4, **tight)  # one call first, then most sentences again by limit
+    counted.search(sources, beam=4, **tight)  # one limit for every sentence (a = 0), and most reach it
     assert counted.ended_early_share < 0.5
     counted.translator.limits.clear()
     counted.search(sources, beam=4, **loose)
