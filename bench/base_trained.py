@@ -16,47 +16,39 @@ The model is cached in --cache (outside the repository) by its number of updates
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 import torch
 
-from bench.beam import SRC, TGT, encode, prepare_data
-from transformer.batching import PackedCorpus, collate, fixed_batches
+from bench.beam import SRC, TGT, encode, fit, prepare_data
+from transformer.batching import PackedCorpus, fixed_batches
 from transformer.checkpoint import load_model, save_model
-from transformer.loss import projected_label_smoothed_nll_loss
+from transformer.loss import LossSums, projected_label_smoothed_nll_loss
 from transformer.model import EOS_ID, PAD_ID, Transformer, make_config
-from transformer.schedule import make_optimizer, peak_rate
 
 VOCAB = 37_000
 JOIN = (2, 3)  # sentence pairs per joined pair
 
 
-def joined(src: list[list[int]], tgt: list[list[int]], n: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
-    """`n` pairs, each 2 or 3 random pairs of (src, tgt) one after the other, one eos at the end of each side."""
+def draws(n: int, pool: int, seed: int) -> list[np.ndarray]:
+    """`n` draws of 2 or 3 indices below `pool`: which sentences each joined one is made of."""
     rng = np.random.default_rng(seed)
-    out_src, out_tgt = [], []
-    for _ in range(n):
-        picks = rng.integers(0, len(src), rng.choice(JOIN))
-        out_src.append([t for i in picks for t in src[i][:-1]] + [EOS_ID])
-        out_tgt.append([t for i in picks for t in tgt[i][:-1]] + [EOS_ID])
-    return out_src, out_tgt
+    return [rng.integers(0, pool, rng.choice(JOIN)) for _ in range(n)]
+
+
+def join(seqs: list[list[int]], picks: np.ndarray) -> list[int]:
+    """The sentences `picks` of `seqs` (each ending with eos) one after the other, one eos at the end."""
+    return [t for i in picks for t in seqs[i][:-1]] + [EOS_ID]
 
 
 def inputs(multi30k: Path, sp: spm.SentencePieceProcessor, n: int, seed: int = 1):
     """`n` joined sources from Multi30k valid + test (ids, eos last) and their joined references (text)."""
     rows = [json.loads(x) for f in ("val.jsonl", "test.jsonl") for x in (multi30k / f).read_text().splitlines()]
-    src_lines, tgt_lines = [r[SRC] for r in rows], [r[TGT] for r in rows]
-    rng = np.random.default_rng(seed)
-    enc = encode(sp, src_lines)
-    sources, refs = [], []
-    for _ in range(n):
-        picks = rng.integers(0, len(enc), rng.choice(JOIN))
-        sources.append([t for i in picks for t in enc[i][:-1]] + [EOS_ID])
-        refs.append(" ".join(tgt_lines[i] for i in picks))
-    return sources, refs
+    enc = encode(sp, [r[SRC] for r in rows])
+    picks = draws(n, len(rows), seed)
+    return [join(enc, p) for p in picks], [" ".join(rows[i][TGT] for i in p) for p in picks]
 
 
 def train(raw: Path, sp: spm.SentencePieceProcessor, updates: int, max_tokens: int, log) -> Transformer:
@@ -65,27 +57,18 @@ def train(raw: Path, sp: spm.SentencePieceProcessor, updates: int, max_tokens: i
     torch.manual_seed(0)
     src = encode(sp, (raw / f"train.{SRC}").read_text(encoding="utf-8").splitlines())
     tgt = encode(sp, (raw / f"train.{TGT}").read_text(encoding="utf-8").splitlines())
-    corpus = PackedCorpus.from_pairs(list(zip(*joined(src, tgt, len(src), seed=0), strict=True)))
+    picks = draws(len(src), len(src), seed=0)
+    corpus = PackedCorpus.from_pairs([(join(src, p), join(tgt, p)) for p in picks])
     batches = fixed_batches(corpus.src_lengths, corpus.tgt_lengths, max_tokens)
     model = Transformer(make_config("base", VOCAB))
-    warmup = min(100, updates // 2 + 1)
-    optimizer, scheduler = make_optimizer(model, model.cfg.d_model, warmup=warmup,
-                                          factor=7e-4 / peak_rate(model.cfg.d_model, warmup))  # fmt: skip
-    model.train()
-    start = time.perf_counter()
-    for step in range(updates):
-        batch = collate(corpus, batches[torch.randint(len(batches), ()).item()])
-        keep = batch.tgt_out.ne(PAD_ID)  # (B, T)
-        hidden = model(batch.src, batch.tgt_in, keep, project=False)  # (N, d_model)
-        sums = projected_label_smoothed_nll_loss(hidden, model.embed.weight, batch.tgt_out[keep], 0.1)
-        optimizer.zero_grad()
-        (sums.loss / sums.tokens).backward()
-        optimizer.step()
-        scheduler.step()
-        if step % 25 == 0 or step == updates - 1:
-            ppl = torch.exp(sums.nll / sums.tokens).item()
-            log(f"  update {step + 1}/{updates}: ppl {ppl:.1f} ({time.perf_counter() - start:.0f} s)")
-    return model.eval()
+    return fit(model, corpus, batches, updates, 7e-4, min(100, updates // 2 + 1), log, every=25, loss=projected)
+
+
+def projected(model: Transformer, batch) -> LossSums:
+    """Label smoothing 0.1 projected only at real target positions, as the train stage computes it."""
+    keep = batch.tgt_out.ne(PAD_ID)  # (B, T)
+    hidden = model(batch.src, batch.tgt_in, keep, project=False)  # (N, d_model)
+    return projected_label_smoothed_nll_loss(hidden, model.embed.weight, batch.tgt_out[keep], 0.1)
 
 
 def trained_base(cache: Path, multi30k: Path, updates: int, max_tokens: int, log):

@@ -71,18 +71,25 @@ def train(raw: Path, sp: spm.SentencePieceProcessor, updates: int, max_tokens: i
     batches = fixed_batches(corpus.src_lengths, corpus.tgt_lengths, max_tokens)  # length-sorted, padding counted
     model = Transformer(make_config("multi30k", sp.get_piece_size()))
     warmup = min(400, updates // 2 + 1)  # a short run: §5.3's shape, scaled to peak at 1.5e-3
-    factor = 1.5e-3 / peak_rate(model.cfg.d_model, warmup)
+    return fit(model, corpus, batches, updates, 1.5e-3, warmup, log)
+
+
+def fit(model, corpus, batches, updates: int, peak: float, warmup: int, log, every: int = 50, loss=None):
+    """`updates` Adam updates of `model` on batches drawn at random from `batches` (index arrays into `corpus`),
+    the rate §5.3's schedule scaled to `peak` after `warmup` updates; `loss(model, batch) -> LossSums`, by
+    default label smoothing 0.1 over the full logits. Returns the model in eval mode."""
+    factor = peak / peak_rate(model.cfg.d_model, warmup)
     optimizer, scheduler = make_optimizer(model, model.cfg.d_model, warmup=warmup, factor=factor)
+    loss = loss or (lambda m, batch: label_smoothed_nll_loss(m(batch.src, batch.tgt_in), batch.tgt_out))
     model.train()
     start = time.perf_counter()
     for step in range(updates):
-        batch = collate(corpus, batches[torch.randint(len(batches), ()).item()])
-        sums = label_smoothed_nll_loss(model(batch.src, batch.tgt_in), batch.tgt_out)
+        sums = loss(model, collate(corpus, batches[torch.randint(len(batches), ()).item()]))
         optimizer.zero_grad()
         (sums.loss / sums.tokens).backward()
         optimizer.step()
         scheduler.step()
-        if step % 50 == 0 or step == updates - 1:
+        if step % every == 0 or step == updates - 1:
             ppl = torch.exp(sums.nll / sums.tokens).item()
             log(f"  update {step + 1}/{updates}: ppl {ppl:.1f} ({time.perf_counter() - start:.0f} s)")
     return model.eval()
