@@ -26,14 +26,14 @@ from pipeline.common.engines import converted_model
 
 
 class CallCounter:
-    """CTranslate2's translator with its translate_batch calls counted."""
+    """CTranslate2's translator with its translate_batch calls noted: the output-length limit of each."""
 
     def __init__(self, inner):
-        self.inner, self.calls = inner, 0
+        self.inner, self.limits = inner, []
 
-    def translate_batch(self, *args, **kwargs):
-        self.calls += 1
-        return self.inner.translate_batch(*args, **kwargs)
+    def translate_batch(self, batch, **kwargs):
+        self.limits.append(kwargs["max_decoding_length"] - 1)
+        return self.inner.translate_batch(batch, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -42,7 +42,7 @@ class CallCounter:
 def decode(engine: CT2Translator, src, batches, args, one_call: bool) -> tuple[list[list[int]], float, int]:
     """1-best tokens of every sentence, seconds, CTranslate2 calls."""
     out: list[list[int]] = [[] for _ in src]
-    engine.translator.calls = 0
+    engine.translator.limits.clear()
     start = time.perf_counter()
     for idx, _ in batches:
         found = engine.search(
@@ -51,7 +51,7 @@ def decode(engine: CT2Translator, src, batches, args, one_call: bool) -> tuple[l
         )  # fmt: skip
         for i, hyps in zip(idx, found, strict=True):
             out[i] = hyps[0].tokens
-    return out, time.perf_counter() - start, engine.translator.calls
+    return out, time.perf_counter() - start, len(engine.translator.limits)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

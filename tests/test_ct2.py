@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.ct2_calls import CallCounter
 from pipeline.common.ct2_convert import META_FILE, convert, placeholder_tokens
 from pipeline.common.ct2_engine import CT2Translator, check_compute_type, ct2_length_penalty
 from transformer.beam_search import beam_search
@@ -251,24 +252,10 @@ def test_maximum_length_is_ours_and_hypotheses_cut_there_end_with_eos(model, sou
         assert same >= 0.75 * len(sources)
 
 
-class CountingTranslator:
-    """CTranslate2's translator with the calls to translate_batch counted (and their limits noted)."""
-
-    def __init__(self, inner):
-        self.inner, self.limits = inner, []
-
-    def translate_batch(self, batch, **kwargs):
-        self.limits.append(kwargs["max_decoding_length"] - 1)
-        return self.inner.translate_batch(batch, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 @pytest.fixture
 def counted(ct2_dir):
     t = CT2Translator(ct2_dir, compute_type="float32", threads=1)
-    t.translator = CountingTranslator(t.translator)
+    t.translator = CallCounter(t.translator)
     return t
 
 
