@@ -208,15 +208,19 @@ class CT2Translator:
             results = self._translate(source_tokens, longest, **options)
             ended = [longest == limit or self._ended_early(f, limit) for f, limit in zip(results, limits, strict=True)]
             self.ended_early_share = sum(ended) / len(ended)
-            for i, f, ok in zip(todo, results, ended, strict=True):
-                found[i] = f if ok else None
-            todo = [i for i, ok in zip(todo, ended, strict=True) if not ok]
+            kept = [i for i in todo if ended[i]]  # only those are re-scored: the others are decoded again
+            self._rescore([source_tokens[i] for i in kept], [results[i] for i in kept])
+            for i in kept:
+                found[i] = results[i]
+            todo = [i for i in todo if not ended[i]]
         groups: dict[int, list[int]] = {}
         for i in todo:
             groups.setdefault(limits[i], []).append(i)
         early = 0
         for limit, idx in sorted(groups.items()):
-            results = self._translate([source_tokens[i] for i in idx], limit, **options)
+            batch = [source_tokens[i] for i in idx]
+            results = self._translate(batch, limit, **options)
+            self._rescore(batch, results)
             for i, f in zip(idx, results, strict=True):
                 found[i] = f
                 early += self._ended_early(f, limit)
@@ -258,9 +262,9 @@ class CT2Translator:
     def _translate(
         self, batch: list[list[str]], limit: int, beam: int, patience: float, width: int, ct2_alpha: float,
         rescore: bool,
-    ) -> list[dict[tuple[int, ...], float]]:  # fmt: skip
+    ) -> list[dict[tuple[int, ...], float | None]]:  # fmt: skip
         """One CTranslate2 call with `limit` output tokens for every source of `batch`: each sentence's finished
-        hypotheses as {our token ids (no eos): log-prob}, those cut at the limit re-scored with the eos."""
+        hypotheses as {our token ids (no eos): log-prob}, None for those `_rescore` must score (`_finished`)."""
         results = self.translator.translate_batch(
             batch,
             beam_size=beam,
@@ -274,7 +278,11 @@ class CT2Translator:
             max_input_length=0,  # sources were checked against max_positions above
             suppress_sequences=self.suppressed(),
         )
-        found = [self._finished(r, limit, ct2_alpha, rescore) for r in results]
+        return [self._finished(r, limit, ct2_alpha, rescore) for r in results]
+
+    def _rescore(self, batch: list[list[str]], found: list[dict[tuple[int, ...], float | None]]) -> None:
+        """Fill in the log-probs left None in `found` (one dict per source of `batch`) by one `score_batch`
+        call: our log-prob of the tokens plus the eos, normalised over the whole vocabulary."""
         todo = [(j, tokens) for j, f in enumerate(found) for tokens, logprob in f.items() if logprob is None]
         if todo:
             scored = self.translator.score_batch(
@@ -283,7 +291,6 @@ class CT2Translator:
             )  # fmt: skip
             for (j, tokens), s in zip(todo, scored, strict=True):
                 found[j][tokens] = float(sum(s.log_probs))
-        return found
 
     def _finished(self, result, limit: int, ct2_alpha: float, rescore: bool) -> dict[tuple[int, ...], float | None]:
         """One sentence's finished hypotheses as {our token ids (no eos): log-prob}, None where it must be scored:
