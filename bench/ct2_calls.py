@@ -26,13 +26,15 @@ from pipeline.common.engines import converted_model
 
 
 class CallCounter:
-    """CTranslate2's translator with its translate_batch calls noted: the output-length limit of each."""
+    """CTranslate2's translator with its translate_batch calls noted: the output-length limit of each (`limits`)
+    and its keyword arguments (`calls`)."""
 
     def __init__(self, inner):
-        self.inner, self.limits = inner, []
+        self.inner, self.limits, self.calls = inner, [], []
 
     def translate_batch(self, batch, **kwargs):
         self.limits.append(kwargs["max_decoding_length"] - 1)
+        self.calls.append(kwargs)
         return self.inner.translate_batch(batch, **kwargs)
 
     def __getattr__(self, name):

@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run("decode", params, ("data", "decode")):
         dp = params.decode
         models = dp.models or [str(args.model)]
-        translator = make_translator(models, search_options(dp), dp.device, dp.engine, dp.compute_type)
+        translator = make_translator(
+            models, search_options(dp), dp.device, dp.engine, dp.compute_type,
+            inter_threads=dp.ct2_inter_threads, max_batch_size=dp.ct2_max_batch_size,
+        )  # fmt: skip
         if len(models) > 1:
             log.info("an ensemble of %d models: %s", len(models), ", ".join(models))
         log.info(

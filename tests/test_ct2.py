@@ -22,7 +22,13 @@ import torch.nn.functional as F
 
 from bench.ct2_calls import CallCounter
 from pipeline.common.ct2_convert import META_FILE, convert, placeholder_tokens
-from pipeline.common.ct2_engine import CT2Translator, check_compute_type, ct2_length_penalty
+from pipeline.common.ct2_engine import (
+    CT2Translator,
+    batch_sentences,
+    check_compute_type,
+    ct2_length_penalty,
+    parallel_batches,
+)
 from transformer.beam_search import beam_search
 from transformer.checkpoint import save_model
 from transformer.model import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Transformer, make_config
@@ -210,10 +216,36 @@ def test_log_probs_exclude_pad_and_bos_unless_rescored(trained, sources, tmp_pat
         assert close(t.logprob, o.logprob - missing) and close(r.logprob, o.logprob)
 
 
-def test_threads_do_not_change_results(sources, translator):
-    two = CT2Translator(translator.model_dir, compute_type="float32", threads=2)
-    for (a,), (b,) in zip(two.search(sources, **LIMIT), translator.search(sources, **LIMIT), strict=True):
-        assert a.tokens == b.tokens and close(a.logprob, b.logprob)
+@pytest.mark.parametrize("inter_threads, max_batch_size", [(0, 0), (1, 0), (2, 3), (2, 1)])
+def test_threads_and_batches_do_not_change_results(model, sources, translator, inter_threads, max_batch_size):
+    """Two threads, as one batch on both or as batches of 1-3 sentences two at a time: what one thread finds
+    (a differing 1-best only where float32 sums in other batches broke a tie)."""
+    two = CT2Translator(
+        translator.model_dir, compute_type="float32", threads=2, inter_threads=inter_threads,
+        max_batch_size=max_batch_size,
+    )  # fmt: skip
+    assert two.translator.num_translators == (inter_threads or 2)
+    two.translator = CallCounter(two.translator)
+    found = zip(sources, two.search(sources, beam=4, **LIMIT), translator.search(sources, beam=4, **LIMIT), strict=True)
+    for src, (a,), (b,) in found:
+        assert close(a.logprob, b.logprob)
+        if a.tokens != b.tokens:
+            assert close(sequence_logprob(model, src, a.tokens), sequence_logprob(model, src, b.tokens))
+    expected = max_batch_size or batch_sentences(two.inter_threads, beam=4)
+    assert {kw["max_batch_size"] for kw in two.translator.calls} == {expected}
+
+
+def test_batches_at_once_by_default_on_cpu_one_on_gpu():
+    assert [parallel_batches("cpu", t) for t in (1, 2, 3, 4, 16)] == [1, 2, 3, 4, 4]
+    assert parallel_batches("cuda", 16) == 1
+    assert [batch_sentences(2, beam) for beam in (1, 4, 5, 6)] == [256, 64, 52, 43]  # ⌈256 / beam⌉
+    assert batch_sentences(1, 4) == 0  # one batch at a time: the call as it is
+
+
+@pytest.mark.parametrize("kwargs", [{"threads": -1}, {"inter_threads": -2}, {"max_batch_size": -1}])
+def test_negative_batching_is_a_clear_error(ct2_dir, kwargs):
+    with pytest.raises(ValueError, match=rf"{next(iter(kwargs))} \(-\d\).*must be >= 0"):
+        CT2Translator(ct2_dir, compute_type="float32", **kwargs)
 
 
 def test_rescore_gives_our_log_probs_of_every_hypothesis(model, sources, translator):

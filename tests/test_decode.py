@@ -155,6 +155,9 @@ def test_engine_params_are_checked_with_their_key(workspace):
         ValueError, match=r"decode\.compute_type 'int8' is CTranslate2's: it needs decode\.engine ctranslate2"
     ):
         stage.main(["--model", "models/average.pt", "--raw", "data/raw", "--out", "outputs/hyp.txt"])
+    write_params(workspace, mlflow_store(), decode={"ct2_inter_threads": 2})
+    with pytest.raises(ValueError, match=r"decode\.ct2_inter_threads '2' is CTranslate2's"):
+        stage.main(["--model", "models/average.pt", "--raw", "data/raw", "--out", "outputs/hyp.txt"])
     shutil.copy(workspace / "models" / "average.pt", workspace / "models" / "copy.pt")
     models = ["models/average.pt", "models/copy.pt"]
     write_params(workspace, mlflow_store(), decode={"engine": "ctranslate2", "models": models})

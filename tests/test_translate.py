@@ -41,14 +41,15 @@ def test_file_and_stdin_give_the_library_translations(model_file, tmp_path):
     assert cli(*ensemble, "--input", source) == "".join(t + "\n" for t in expected)
 
 
-def test_bad_arguments_are_refused(model_file):
+@pytest.mark.parametrize("option, value, least", [("--beam", "0", 1), ("--ct2-max-batch-size", "-1", 0)])
+def test_bad_arguments_are_refused(model_file, option, value, least):
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.commands.translate", "--model", str(model_file), "--beam", "0"],
+        [sys.executable, "-m", "pipeline.commands.translate", "--model", str(model_file), option, value],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert out.returncode != 0 and "--beam must be positive" in out.stderr
+    assert out.returncode != 0 and f"{option} must be >= {least}" in out.stderr
 
 
 def test_console_script_is_declared():

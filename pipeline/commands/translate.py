@@ -64,6 +64,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--compute-type", default="default", help="CTranslate2's: default (float32), int8, int8_float32, int16, ..."
     )
+    p.add_argument("--ct2-inter-threads", type=int, default=0, help="CTranslate2's batches at once (0: auto)")
+    p.add_argument("--ct2-max-batch-size", type=int, default=0, help="CTranslate2's sentences a batch (0: auto)")
     p.add_argument(
         "--show-attention",
         type=Path,
@@ -74,9 +76,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.show_attention is not None and (len(args.model) > 1 or args.engine != "torch"):
         p.error("--show-attention draws one model's attention with the torch engine: give one --model")
-    for name in ("beam", "batch_tokens", "max_len_b"):
-        if getattr(args, name) < (0 if name == "max_len_b" else 1):
-            p.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("beam", "batch_tokens", "max_len_b", "ct2_inter_threads", "ct2_max_batch_size"):
+        least = 1 if name in ("beam", "batch_tokens") else 0
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}")
     return args
 
 
@@ -103,7 +106,10 @@ def show_attention(translator: Translator, args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     options = SearchOptions(args.beam, args.alpha, args.max_len_a, args.max_len_b, args.batch_tokens)
-    translator = make_translator(args.model, options, args.device, args.engine, args.compute_type, args.spm)
+    translator = make_translator(
+        args.model, options, args.device, args.engine, args.compute_type, args.spm,
+        inter_threads=args.ct2_inter_threads, max_batch_size=args.ct2_max_batch_size,
+    )  # fmt: skip
     if args.show_attention is not None:
         show_attention(translator, args)
         return

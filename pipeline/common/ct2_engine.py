@@ -39,6 +39,10 @@ onto ours (transformer/beam_search.py), precisely:
   on the stopping step) would have stopped there under its own limit too. With α = 0 CTranslate2 exits early
   and its results do not show where, so such searches go by limit from the start, as do all searches while
   most sentences reach their limit (a model that seldom chooses eos), which would only waste the long call.
+- Batches: CTranslate2 sorts a call's sentences by length, cuts them into batches of `max_batch_size` and
+  decodes `inter_threads` batches at once. A sentence's search does not depend on the others in its batch, so
+  this changes no result beyond float rounding (which may break a near-tie another way), only the time: on a
+  CPU, small batches on one thread each beat one batch on every thread (bench/README.md).
 - A source that is only eos (an empty line): CTranslate2 does not run the model and returns the empty
   hypothesis with log-prob 0; ours decodes it.
 """
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -120,12 +125,44 @@ def ct2_length_penalty(kind: str, alpha: float, beam: int, expected_length: floa
     return alpha * expected_length / (5.0 + expected_length)
 
 
+ROWS_PER_BATCH = 256  # beams a CPU batch holds: the fastest of those measured at both sizes (bench/README.md)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parallel_batches(device: str, threads: int) -> int:
+    """CTranslate2's inter_threads by default: on a CPU one batch per thread, up to 4 (each batch then on
+    threads // 4): small batches on one thread each keep more of the cores busy than one batch on all of them
+    (bench/README.md, measured on 2 cores); on a GPU one batch, as large as it comes."""
+    return min(threads, 4) if device == "cpu" else 1
+
+
+def batch_sentences(inter_threads: int, beam: int) -> int:
+    """CTranslate2's max_batch_size (sentences) by default: with several batches at once, as many sentences as
+    make ROWS_PER_BATCH beams, so that a call splits into batches for every thread; else 0 (the call as is)."""
+    return math.ceil(ROWS_PER_BATCH / beam) if inter_threads > 1 else 0
+
+
 class CT2Translator:
     """A converted model (`convert`) loaded into CTranslate2, searching our id sequences."""
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", compute_type: str = "default", threads: int = 0):
+    def __init__(
+        self, model_dir: str | Path, device: str = "cpu", compute_type: str = "default", threads: int = 0,
+        inter_threads: int = 0, max_batch_size: int = 0,
+    ):  # fmt: skip
         """`device`: cpu, cuda, cuda:N or auto; `compute_type` as CTranslate2 names it (see COMPUTE_TYPES);
-        `threads`: CTranslate2's intra_threads (0: its default)."""
+        `threads`: CPU threads in all (0: the cores this process may use); `inter_threads`: batches CTranslate2
+        decodes at once, each on threads // inter_threads threads (0: `parallel_batches`); `max_batch_size`:
+        the sentences of one such batch, a call's sentences sorted by length and cut into batches of that many
+        (0: `batch_sentences` for the search's beam). Neither changes a result (module docstring)."""
+        if min(threads, inter_threads, max_batch_size) < 0:
+            raise ValueError(
+                f"threads ({threads}), inter_threads ({inter_threads}) and max_batch_size ({max_batch_size}) "
+                "must be >= 0 (0: auto)"
+            )
         self.model_dir = model_dir = Path(model_dir)
         meta_path = model_dir / META_FILE
         if not meta_path.is_file():
@@ -136,12 +173,16 @@ class CT2Translator:
         self.max_positions = int(self.meta["max_positions"])
         self.tokens: list[str] = json.loads((model_dir / "shared_vocabulary.json").read_text(encoding="utf-8"))
         self.ids = {t: i for i, t in enumerate(self.tokens)}
+        threads = threads or usable_cores()
+        self.inter_threads = inter_threads or parallel_batches(self.device, threads)
+        self.max_batch_size = max_batch_size
         self.translator = ctranslate2.Translator(
             str(model_dir),
             device=self.device,
             device_index=self.device_index,
             compute_type=compute_type,
-            intra_threads=threads,
+            inter_threads=self.inter_threads,
+            intra_threads=max(1, threads // self.inter_threads),
         )
         self.compute_type = self.translator.compute_type
         self.ended_early_share = 1.0  # of the last call's sentences, those that stopped before their limit
@@ -277,6 +318,8 @@ class CT2Translator:
             min_decoding_length=0,  # the empty hypothesis (eos first) is allowed, as in ours
             max_input_length=0,  # sources were checked against max_positions above
             suppress_sequences=self.suppressed(),
+            max_batch_size=self.max_batch_size or batch_sentences(self.inter_threads, beam),
+            batch_type="examples",
         )
         return [self._finished(r, limit, ct2_alpha, rescore) for r in results]
 

@@ -58,23 +58,31 @@ def make_translator(
     compute_type: str = "default",
     spm_path: str | Path | None = None,
     ct2_folder: Path | None = None,
+    *,
+    inter_threads: int = 0,
+    max_batch_size: int = 0,
 ) -> Translator:
     """A Translator of one model file (or an ensemble, torch engine only) on the chosen engine; the CTranslate2
-    model converted into `ct2_folder` (converted_model's default: beside the model file)."""
+    model converted into `ct2_folder` (converted_model's default: beside the model file) and decoded with
+    CTranslate2's `inter_threads` and `max_batch_size` (CT2Translator; 0: auto)."""
     if engine not in ENGINES:
         raise ValueError(f"decode.engine: unknown engine '{engine}'; choose one of {ENGINES}")
     if engine == "torch":
-        if compute_type != "default":
-            raise ValueError(
-                f"decode.compute_type '{compute_type}' is CTranslate2's: it needs decode.engine ctranslate2"
-            )
+        ct2_only = {"compute_type": (compute_type, "default"), "ct2_inter_threads": (inter_threads, 0),
+                    "ct2_max_batch_size": (max_batch_size, 0)}  # fmt: skip
+        for key, (value, default) in ct2_only.items():
+            if value != default:
+                raise ValueError(f"decode.{key} '{value}' is CTranslate2's: it needs decode.engine ctranslate2")
         return Translator.from_file(list(models), options, device=device, spm_path=spm_path)
     if len(models) != 1:
         raise ValueError(f"decode.engine ctranslate2 decodes one model, got {len(models)}: ensembles need engine torch")
     # The torch model stays on the CPU: it gives the vocabulary, the source cap and the sentencepiece model.
     translator = Translator.from_file(models[0], options, device="cpu", spm_path=spm_path)
     where = "cuda" if device == "auto" and resolve_device("auto").type == "cuda" else device
-    ct2 = CT2Translator(converted_model(Path(models[0]), ct2_folder), device=where, compute_type=compute_type)
+    ct2 = CT2Translator(
+        converted_model(Path(models[0]), ct2_folder), device=where, compute_type=compute_type,
+        inter_threads=inter_threads, max_batch_size=max_batch_size,
+    )  # fmt: skip
     translator.engine_search = ct2_search(ct2)
     translator.device = f"ctranslate2:{ct2.device} ({ct2.compute_type})"
     return translator

@@ -206,6 +206,10 @@ class DecodeParams(Section):
         "default", "auto", "float32", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
         "bfloat16",
     ] = "default"  # fmt: skip
+    # CTranslate2's batches of a call: inter_threads of them decoded at once, max_batch_size sentences each
+    # (0 = auto: on a CPU one batch per thread up to 4, of ⌈256 / beam⌉ sentences; on a GPU the call as one).
+    ct2_inter_threads: NonNegInt = 0
+    ct2_max_batch_size: NonNegInt = 0
     # Not in the paper, opt-in: an ensemble (fairseq's `--path a.pt:b.pt`): the decode stage translates with these
     # model files, their probabilities averaged at every step; null: the averaged model alone. They must share the
     # sentencepiece model. DVC tracks this list, not the files' contents: keep them where they do not change

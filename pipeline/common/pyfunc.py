@@ -9,9 +9,9 @@
 
 The model directory carries the model file and the sentencepiece model as artifacts and this project's
 `pipeline/` and `transformer/` packages as code, so it loads wherever torch and sentencepiece are installed.
-The engine is chosen at load time (model_config `engine`: torch | ctranslate2, and `compute_type`, as the
-decode stage's keys); CTranslate2 converts the model file at load into a temporary folder, never into the
-model's artifacts, which may be a read-only store.
+The engine is chosen at load time (model_config `engine`: torch | ctranslate2, and `compute_type`,
+`ct2_inter_threads`, `ct2_max_batch_size`, as the decode stage's keys); CTranslate2 converts the model file at
+load into a temporary folder, never into the model's artifacts, which may be a read-only store.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ PAPER_SEARCH = SearchOptions()  # §6.1
 
 REPO = Path(__file__).resolve().parents[2]  # pipeline/common/ -> the repository
 MODEL_NAME = "translator"
-ENGINE_DEFAULTS = {"engine": "torch", "compute_type": "default"}  # as decode.engine and decode.compute_type
+# As the decode stage's keys of the same names.
+ENGINE_DEFAULTS = {"engine": "torch", "compute_type": "default", "ct2_inter_threads": 0, "ct2_max_batch_size": 0}
 _PARAM_TYPES = {int: "long", float: "double"}
 
 
@@ -68,14 +69,15 @@ class TranslationModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         config = dict(context.model_config or {})
         self.defaults = SearchOptions(**{f.name: config[f.name] for f in fields(SearchOptions) if f.name in config})
-        engine, compute_type = (config.get(k, v) for k, v in ENGINE_DEFAULTS.items())
+        engine, compute_type, inter_threads, max_batch_size = (config.get(k, v) for k, v in ENGINE_DEFAULTS.items())
         ct2_folder = None
         if engine == "ctranslate2":
             ct2_folder = Path(tempfile.mkdtemp(prefix="translator-ct2-"))
             weakref.finalize(self, shutil.rmtree, ct2_folder, ignore_errors=True)
         self.translator = make_translator(
             [context.artifacts["model"]], self.defaults, engine=engine, compute_type=compute_type,
-            spm_path=context.artifacts["spm"], ct2_folder=ct2_folder,
+            spm_path=context.artifacts["spm"], ct2_folder=ct2_folder, inter_threads=int(inter_threads),
+            max_batch_size=int(max_batch_size),
         )  # fmt: skip
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
