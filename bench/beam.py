@@ -179,12 +179,25 @@ def run_ct2(engine: CT2Translator, src, batches, n, args) -> tuple[list[list[int
     return out, now(args) - start
 
 
-def ct2_engines(model: Transformer, args) -> dict[str, CT2Translator]:
-    """The model converted (cached in --cache by its bytes), loaded at float32 and int8."""
-    model_file = args.cache / "bench-model.pt"
-    save_model(model_file, model)
-    folder = converted_model(model_file)
-    return {ct: CT2Translator(folder, compute_type=ct, threads=args.threads) for ct in ("float32", "int8")}
+def ct2_engines(folder: Path, args) -> dict[str, CT2Translator]:
+    """The converted model loaded at float32 and int8 with the engine's default batching (on a CPU, batches
+    of ⌈256 / beam⌉ sentences, one per thread at once), and with --ct2-serial also as one batch at a time on
+    every thread (the default before: keys "float32, one batch at a time", ...)."""
+    engines = {ct: CT2Translator(folder, compute_type=ct, threads=args.threads) for ct in ("float32", "int8")}
+    if args.ct2_serial:
+        for ct in ("float32", "int8"):
+            engines[f"{ct}, one batch at a time"] = CT2Translator(
+                folder, compute_type=ct, threads=args.threads, inter_threads=1
+            )
+    return engines
+
+
+def add_ct2_serial_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ct2-serial",
+        action="store_true",
+        help="also CTranslate2 decoding one batch at a time on every thread (inter_threads 1: the default before)",
+    )
 
 
 def get_model(args, log) -> tuple[Transformer, spm.SentencePieceProcessor]:
@@ -226,6 +239,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="cpu: this process's CPU seconds, steadier than wall time when other jobs share the cores",
     )
     p.add_argument("--json", type=Path, help="also write the figures here")
+    add_ct2_serial_flag(p)
     args = p.parse_args(argv)
     if args.model and not args.spm:
         p.error("--model needs --spm")
@@ -244,16 +258,16 @@ def main(argv=None) -> None:
     src = encode(sp, lines[: args.sentences])
     batches = batches_of(src, args.batch_tokens)
     n = len(src)
-    ct2 = ct2_engines(model, args)
+    model_file = args.cache / "bench-model.pt"
+    save_model(model_file, model)
+    ct2 = ct2_engines(converted_model(model_file), args)
     runs = {
         "ours (hf length norm, k_finished)": lambda: run_ours(
             model, batches, n, args, length_penalty="hf", stop="k_finished"
         ),
         "HF MarianMTModel.generate": lambda: run_hf(marian, batches, n, args),
         "torch engine (GNMT lp, bound stop: decode's default)": lambda: run_ours(model, batches, n, args),
-        "CTranslate2 float32 (GNMT lp)": lambda: run_ct2(ct2["float32"], src, batches, n, args),
-        "CTranslate2 int8 (GNMT lp)": lambda: run_ct2(ct2["int8"], src, batches, n, args),
-    }
+    } | {f"CTranslate2 {key} (GNMT lp)": lambda e=e: run_ct2(e, src, batches, n, args) for key, e in ct2.items()}
     run_ours(model, batches[:1], n, args)  # warm-up: first-call allocations, kernel selection
     run_hf(marian, batches[:1], n, args)
     for engine in ct2.values():

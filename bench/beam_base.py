@@ -34,7 +34,7 @@ import torch
 from sacrebleu.metrics import BLEU
 
 from bench.base_trained import inputs, trained_base
-from bench.beam import PeakRss, batches_of
+from bench.beam import PeakRss, add_ct2_serial_flag, batches_of, ct2_engines
 from pipeline.common.ct2_engine import CT2Translator
 from pipeline.common.engines import converted_model
 from pipeline.common.translator import sentencepiece_from
@@ -105,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="timed passes per system (the fastest counts)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--by-limit", action="store_true", help="also CTranslate2 with one call per length limit")
+    add_ct2_serial_flag(p)
     p.add_argument(
         "--own-search", action="store_true", help="also CTranslate2's own search without re-scoring capped hypotheses"
     )
@@ -151,12 +152,10 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     model_file, model, src, refs, slack = setup(args)
     folder = converted_model(model_file)
-    ct2 = {ct: CT2Translator(folder, compute_type=ct, threads=args.threads) for ct in ("float32", "int8")}
+    ct2 = ct2_engines(folder, args)
     batches, n, k, a = batches_of(src, args.batch_tokens), len(src), args.beam, args.alpha
-    runs = {
-        "torch engine (decode's default search)": lambda b: run_torch(model, b, n, k, a, slack),
-        "CTranslate2 float32": lambda b: run_ct2(ct2["float32"], src, b, n, k, a, slack),
-        "CTranslate2 int8": lambda b: run_ct2(ct2["int8"], src, b, n, k, a, slack),
+    runs = {"torch engine (decode's default search)": lambda b: run_torch(model, b, n, k, a, slack)} | {
+        f"CTranslate2 {key}": lambda b, e=e: run_ct2(e, src, b, n, k, a, slack) for key, e in ct2.items()
     }
     if args.by_limit:
         for ct in ("float32", "int8"):
