@@ -30,10 +30,13 @@ class CallCounter:
     and its keyword arguments (`calls`)."""
 
     def __init__(self, inner):
-        self.inner, self.limits, self.calls = inner, [], []
+        self.inner, self.calls = inner, []
+
+    @property
+    def limits(self) -> list[int]:
+        return [kwargs["max_decoding_length"] - 1 for kwargs in self.calls]
 
     def translate_batch(self, batch, **kwargs):
-        self.limits.append(kwargs["max_decoding_length"] - 1)
         self.calls.append(kwargs)
         return self.inner.translate_batch(batch, **kwargs)
 
@@ -44,7 +47,7 @@ class CallCounter:
 def decode(engine: CT2Translator, src, batches, args, one_call: bool) -> tuple[list[list[int]], float, int]:
     """1-best tokens of every sentence, seconds, CTranslate2 calls."""
     out: list[list[int]] = [[] for _ in src]
-    engine.translator.limits.clear()
+    engine.translator.calls.clear()
     start = time.perf_counter()
     for idx, _ in batches:
         found = engine.search(
@@ -53,7 +56,7 @@ def decode(engine: CT2Translator, src, batches, args, one_call: bool) -> tuple[l
         )  # fmt: skip
         for i, hyps in zip(idx, found, strict=True):
             out[i] = hyps[0].tokens
-    return out, time.perf_counter() - start, len(engine.translator.limits)
+    return out, time.perf_counter() - start, len(engine.translator.calls)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -303,7 +303,7 @@ def test_one_call_gives_what_calls_by_limit_give(model, sources, counted, beam, 
     limits = {counted.max_output_length(len(s), max_len_a, max_len_b) for s in sources}
     by_limit = counted.search(sources, one_call=False, **options)
     assert sorted(counted.translator.limits) == sorted(limits)
-    counted.translator.limits.clear()
+    counted.translator.calls.clear()
     one = counted.search(sources, one_call=True, **options)
     assert counted.translator.limits[0] == max(limits) and len(counted.translator.limits) <= len(limits)
     redone = len(counted.translator.limits) - 1
@@ -325,11 +325,11 @@ def test_calls_by_limit_while_most_sentences_reach_it(sources, counted):
     tight, loose = dict(max_len_a=0.0, max_len_b=2), dict(max_len_a=1.0, max_len_b=10)
     counted.search(sources, beam=4, **tight)  # one limit for every sentence (a = 0), and most reach it
     assert counted.ended_early_share < 0.5
-    counted.translator.limits.clear()
+    counted.translator.calls.clear()
     counted.search(sources, beam=4, **loose)
     assert len(counted.translator.limits) == len({counted.max_output_length(len(s), 1.0, 10) for s in sources})
     assert counted.ended_early_share >= 0.5
-    counted.translator.limits.clear()
+    counted.translator.calls.clear()
     counted.search(sources, beam=4, **loose)
     assert len(counted.translator.limits) <= 2
     with pytest.raises(ValueError, match="one_call"):
