@@ -5,9 +5,9 @@ and what one look inside the model (`pipeline.common.inspection`) costs at a val
 
 Training step: forward, projected label-smoothed loss, backward, fused Adam (`bench.train_step.our_step`, what
 training runs), float32, dropout on, the same batch. "without hook" replaces every attention module's `attend`
-by the code before the hook existed (SDPA only, no `recorder` test); "hook idle" is the shipped model with
-nobody recording. The two alternate step by step, so other load falls on both alike. A ratio of 1.00 means the
-hook is free when nobody asks for the weights.
+by the code without the hook (SDPA, or the short-sequence matmuls, with no `recorder` test); "hook idle" is the
+shipped model with nobody recording. The two alternate step by step, so other load falls on both alike. A ratio
+of 1.00 means the hook is free when nobody asks for the weights.
 
 Inspection: `inspect_model` (greedy search, then one teacher-forced pass with the weights formed) and the
 rendering of one attention grid per layer (`attention_figure` + `figure_pixels`) for 3 Multi30k-length
@@ -27,13 +27,16 @@ import torch.nn.functional as F
 
 from bench.common import set_threads, step_seconds, translation_batch
 from bench.train_step import VOCAB, our_step
-from transformer.model import PAD_ID, MultiHeadAttention, Transformer, make_config
+from transformer.model import PAD_ID, MultiHeadAttention, Transformer, attention_weights, make_config, short_attention
 from transformer.schedule import make_optimizer
 
 
 def attend_without_hook(self, q, k, v, mask, causal):
-    """`MultiHeadAttention.attend` as it was before the hook (commit fb11af1)."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, h, T, d_k)
+    """`MultiHeadAttention.attend` without the hook (commit fb11af1, plus the short-sequence path since)."""
+    if short_attention(q, k):
+        out = attention_weights(q, k, mask, causal) @ v  # (B, h, T, d_k)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, h, T, d_k)
     B, _, T, _ = out.shape
     return self.out_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.d_k))
 

@@ -4,8 +4,9 @@
         model(src, tgt_in)
     maps = AttentionMaps.from_calls(model, calls)  # per layer: (B, h, T_q, T_k)
 
-Outside the block every attention module runs `F.scaled_dot_product_attention`, which never forms the weights
-(fused kernels on GPUs); inside it, the weights are formed explicitly and kept (see `MultiHeadAttention.attend`).
+Outside the block attention modules run `F.scaled_dot_product_attention`, which never forms the weights (fused
+kernels on GPUs), or on a CPU for short sequences form them and drop them (`model.short_attention`); inside it,
+the weights are formed explicitly and kept (see `MultiHeadAttention.attend`).
 Incremental decoding records one query row per `decode_step`; `from_calls` stacks those rows into the same
 (B, h, T, T) and (B, h, T, S) maps that one teacher-forced pass over the same tokens gives.
 """

@@ -1,7 +1,8 @@
 """The Transformer of Vaswani et al. 2017, "Attention Is All You Need" (§3), for translation.
 
 Post-norm residual blocks LayerNorm(x + Dropout(Sublayer(x))) (§3.1, §5.4), scaled dot-product attention
-through `F.scaled_dot_product_attention` so GPUs get fused kernels (§3.2), ReLU position-wise feed-forward
+through `F.scaled_dot_product_attention` so GPUs get fused kernels, on a CPU by matmuls for short sequences
+(`short_attention`) (§3.2), ReLU position-wise feed-forward
 (§3.3), one embedding matrix shared by source, target and the pre-softmax projection, scaled by √d_model
 (§3.4), sinusoidal positional encoding (§3.5).
 
@@ -84,6 +85,20 @@ class EncoderOut(NamedTuple):
     src_mask: Tensor | None  # (B, 1, 1, S) bool, True where attention may look; None: no padding
 
 
+# Up to this many keys, attention on a CPU forms its weights with two batched matmuls and a softmax: SDPA's fused
+# CPU kernel costs more per (sentence, head) than these small products: forward and backward of a layer of 2,048
+# tokens at Multi30k's lengths (13-26 tokens) 1.1-1.6x faster, at 43 tokens 1.3x, at 64 even, at 128 SDPA ahead
+# by 1.25x (`bench/short_attention.py`, 2-core AMD EPYC; bench/README.md).
+SHORT_KEYS = 48
+
+
+def short_attention(q: Tensor, k: Tensor) -> bool:
+    """Whether attention of q (B, h, T, d_k) over k (B, h, S, d_k) forms its weights by matmuls (SHORT_KEYS)
+    rather than through SDPA. One query (incremental decoding's self-attention) stays on SDPA: its products are
+    vectors, and decoding was slower by matmuls there."""
+    return q.device.type == "cpu" and q.shape[-2] > 1 and k.shape[-2] <= SHORT_KEYS
+
+
 def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
     """softmax(QKᵀ / √d_k) (§3.2.1) as SDPA forms it inside: `mask` (B, 1, 1, S) True where attention may look,
     `causal` hides later keys (row i sees keys 0..i). q (B, h, T, d_k), k (B, h, S, d_k) -> (B, h, T, S)."""
@@ -111,7 +126,8 @@ class MultiHeadAttention(nn.Module):
             self.kv_proj = nn.Linear(d_model, 2 * d_model)  # over the encoder output, computed once
         self.out_proj = nn.Linear(d_model, d_model)
         # A list while `record_attention` listens: each call appends its weights (B, h, T_q, T_k). None otherwise,
-        # so training pays one attribute test per call and keeps SDPA's fused kernels, which never form them.
+        # so training pays one attribute test per call and keeps SDPA's fused kernels (which never form them)
+        # wherever they are the faster path.
         self.recorder: list[Tensor] | None = None
 
     def split_heads(self, x: Tensor) -> Tensor:
@@ -124,11 +140,12 @@ class MultiHeadAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         p = self.dropout if self.training else 0.0
-        if self.recorder is None:
+        if self.recorder is None and not short_attention(q, k):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         else:
             weights = attention_weights(q, k, mask, causal)  # (B, h, T, S)
-            self.recorder.append(weights.detach())
+            if self.recorder is not None:
+                self.recorder.append(weights.detach())
             out = F.dropout(weights, p).to(v.dtype) @ v
         B, _, T, _ = out.shape  # out (B, h, T, d_k)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.d_k))  # (B, T, d_model)
