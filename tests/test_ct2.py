@@ -313,10 +313,17 @@ def test_one_call_gives_what_calls_by_limit_give(model, sources, counted, beam, 
             assert close(x.logprob, y.logprob) and close(x.score, y.score)
             if x.tokens != y.tokens:  # a tie, decided by float32 sums in batches of other sizes
                 assert close(sequence_logprob(model, src, x.tokens), sequence_logprob(model, src, y.tokens))
-    if (max_len_a, max_len_b) == (1.0, 10):  # the point of it: 7 limits, at most 3 calls
-        assert len(limits) == 7 and redone <= 2
+    # Redone: exactly the limits of the sentences whose own search ran into their limit (the others stopped as
+    # early in the one call), read off the by-limit results, so the count does not rest on how far the model
+    # learned in its few seconds (float rounding, hence the CPU, moves that).
+    own = [counted.max_output_length(len(s), max_len_a, max_len_b) for s in sources]
+    ran_into = [any(len(h.tokens) == lim for h in hyps) for lim, hyps in zip(own, by_limit, strict=True)]
+    reached = {lim for lim, cut in zip(own, ran_into, strict=True) if cut and lim < max(limits)}
+    assert redone == len(reached)
+    if (max_len_a, max_len_b) == (1.0, 10):  # the point of it: fewer calls than one per limit
+        assert len(limits) == 7 and 1 + redone < len(limits)
     else:  # the redo path ran: most sentences reach (0.5, 2), some the source length (1.0, 0)
-        assert redone >= 3
+        assert redone >= 1
 
 
 def test_calls_by_limit_while_most_sentences_reach_it(sources, counted):
