@@ -1,10 +1,9 @@
 """The Transformer of Vaswani et al. 2017, "Attention Is All You Need" (§3), for translation.
 
-Post-norm residual blocks LayerNorm(x + Dropout(Sublayer(x))) (§3.1, §5.4), scaled dot-product attention
-through `F.scaled_dot_product_attention` so GPUs get fused kernels, on a CPU by matmuls for short sequences
-(`short_attention`) (§3.2), ReLU position-wise feed-forward
-(§3.3), one embedding matrix shared by source, target and the pre-softmax projection, scaled by √d_model
-(§3.4), sinusoidal positional encoding (§3.5).
+Post-norm residual blocks LayerNorm(x + Dropout(Sublayer(x))) (§3.1, §5.4), scaled dot-product attention (§3.2)
+through `F.scaled_dot_product_attention` so GPUs get fused kernels (on a CPU, short sequences by two matmuls:
+`short_attention`), ReLU position-wise feed-forward (§3.3), one embedding matrix shared by source, target and
+the pre-softmax projection, scaled by √d_model (§3.4), sinusoidal positional encoding (§3.5).
 
 Search talks to the model through a narrow interface: `encode`, `init_state`, `decode_step`, `reorder_state`.
 `transformer.attention_maps.record_attention` reads the attention weights out through another: each attention
