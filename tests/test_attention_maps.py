@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_short_attention import sdpa_calls  # the counting stand-in for SDPA
 
 import transformer.model as model_module
 from transformer.attention_maps import AttentionMaps, record_attention, teacher_forced_maps
@@ -102,9 +103,7 @@ def test_one_sentence_of_the_batch(model):
 
 def test_nobody_listening_runs_sdpa_and_a_failed_block_stops_listening(model, monkeypatch):
     monkeypatch.setattr(model_module, "SHORT_KEYS", 0)  # SDPA at every length, as on a GPU
-    used = []
-    sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", lambda *a, **k: used.append(1) or sdpa(*a, **k))
+    used = sdpa_calls(monkeypatch)
     with torch.no_grad():
         model(SRC, TGT_IN)
         assert len(used) == model.cfg.encoder_layers + 2 * model.cfg.decoder_layers

@@ -14,7 +14,8 @@ from transformer.model import BOS_ID, PAD_ID, MultiHeadAttention, Transformer, m
 V = 40
 
 
-def _sdpa_calls(monkeypatch) -> list[int]:
+def sdpa_calls(monkeypatch) -> list[int]:
+    """A list that gains an element at every call of `F.scaled_dot_product_attention` from the model."""
     calls: list[int] = []
     sdpa = F.scaled_dot_product_attention
     counting = lambda *a, **k: calls.append(1) or sdpa(*a, **k)  # noqa: E731
@@ -76,7 +77,7 @@ def test_a_whole_model_gives_the_same_loss_and_gradients_either_way(monkeypatch)
 
 
 def test_each_shape_takes_the_path_the_rule_names(monkeypatch):
-    calls = _sdpa_calls(monkeypatch)
+    calls = sdpa_calls(monkeypatch)
     torch.manual_seed(0)
     cfg = make_config("tiny", V, max_positions=256)
     model = Transformer(cfg).eval()
